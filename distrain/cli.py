@@ -1,0 +1,93 @@
+"""`distrain <command>`: run, recipes, and the tools the other modules provide.
+
+Subcommands are imported lazily so that `distrain run` pays only for what training needs.
+Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr), 3 launch mismatch,
+130/143/138 interrupted by SIGINT/SIGTERM/SIGUSR1 after saving.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from distrain.config import ConfigError
+
+# command -> (module, function, one-line help); each function takes argv and returns an exit code
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("distrain.cli", "run_main", "train a recipe: distrain run recipe=har [key=value ...]"),
+    "recipes": ("distrain.cli", "recipes_main", "list the available recipes"),
+}
+
+USAGE = "usage: distrain <command> [args]\n\ncommands:\n"
+
+
+def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_main(argv: list[str]) -> int:
+    """Train one recipe. `--help` or print_config=true prints the resolved config instead."""
+    from distrain.config import describe
+    from distrain.recipe import available_recipes, resolve_config
+
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    if wants_help and not any(a.startswith(("recipe=", "config=")) for a in argv):
+        print("usage: distrain run recipe=<name|path.py> [config=<file>] [section.key=value ...]")
+        print("recipes: " + ", ".join(available_recipes()))
+        return 0
+    try:
+        cfg, recipe = resolve_config(argv)
+    except ConfigError as e:
+        return error(str(e))
+    if wants_help or cfg.print_config:
+        print(f"# recipe {recipe.name}: {recipe.description}")
+        print(describe(cfg))
+        return 0
+    from distrain.backends import LaunchError
+    from distrain.trainer import Trainer, TrainingError
+
+    try:
+        trainer = Trainer(cfg, recipe)
+    except ConfigError as e:
+        return error(str(e))
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    try:
+        summary = trainer.train()
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return int(summary.get("exit_code", 0))
+
+
+def recipes_main(argv: list[str]) -> int:
+    from distrain.recipe import available_recipes
+
+    recipes = available_recipes()
+    width = max((len(n) for n in recipes), default=0)
+    for name, description in recipes.items():
+        print(f"{name.ljust(width)}  {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n".join(f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return error(f"unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}")
+    module, function, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), function)(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Where numbers go: console and train.log, metrics.jsonl, trackers, the progress bar, summary.json.
+
+Only rank 0 writes files and shows the bar; other ranks log warnings and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
+    logger = logging.getLogger("distrain")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = old_factory(*args, **kwargs)
+        record.rank = rank
+        return record
+
+    logging.setLogRecordFactory(factory)
+    console = _TqdmHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    logger.addHandler(console)
+    if run_dir is not None and rank == 0:
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(file_handler)
+    return logger
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on this device, or the peak resident set size of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """Only the finite-or-not plain numbers of a row, for trackers."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class MetricsLogger:
+    """metrics.jsonl rows, tracker logs and the tqdm bar, all on rank 0."""
+
+    def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, progress: bool):
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        self.bar = None
+        self.file = None
+        if self.is_main:
+            self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps(_json_safe(row)) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log(scalars(row), step=step)
+
+    def advance(self, steps: int, postfix: dict[str, Any] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def init_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> None:
+    """TensorBoard / wandb through accelerate. wandb goes offline without an API key and the key
+    is never written anywhere by distrain."""
+    if not (cfg.log.tensorboard or cfg.log.wandb):
+        return
+    accelerator.project_configuration.set_directories(str(run_dir))
+    init_kwargs: dict[str, Any] = {}
+    if cfg.log.wandb:
+        mode = cfg.log.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name}
+    from distrain.config import to_plain
+
+    flat = _flatten(to_plain(cfg))
+    accelerator.init_trackers(cfg.log.wandb_project if cfg.log.wandb else "tensorboard", config=flat, init_kwargs=init_kwargs)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

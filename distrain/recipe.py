@@ -1,0 +1,180 @@
+"""The recipe contract and how recipes are found, loaded and configured.
+
+A recipe is a Python module that defines:
+
+    ModelConfig       a dataclass of model settings (the `model.*` keys)
+    DataConfig        a dataclass subclassing distrain.DataConfig (the `data.*` keys)
+    build_model(cfg)  -> torch.nn.Module
+    build_datasets(cfg) -> Splits(train, val, test=None)   torch or Hugging Face datasets
+    step(model, batch[, cfg]) -> StepOutput(loss=<per-sample losses>, preds=..., targets=...)
+    metrics(preds, targets[, cfg]) -> dict[str, float]     evaluation metrics
+
+and optionally `SHARD_BLOCKS` (class names FSDP wraps one by one and may checkpoint
+activations for), `validate(cfg)` (raise ConfigError on bad settings) and
+`report(run_dir, split, preds, targets, cfg)` (plots and tables written at the end).
+Defaults for any key live in `<recipe>.yaml` beside the module. The module docstring's
+first line is the recipe's one-line description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from distrain.config import Config, ConfigError, DataConfig, apply_dict, load_yaml, parse_overrides, validate
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class StepOutput:
+    """What a recipe's step returns.
+
+    `loss` holds unreduced per-sample (or per-token) losses: distrain sums them and divides
+    by the number of samples of the whole optimizer step across micro-batches and ranks, so
+    accumulation and uneven batches give exactly the big-batch gradient.
+    """
+
+    loss: torch.Tensor
+    preds: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+@dataclass
+class Splits:
+    train: Any
+    val: Any
+    test: Any | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    path: Path
+    module: ModuleType
+    model_config: type
+    data_config: type
+    defaults: dict[str, Any]
+    build_model: Callable[[Config], torch.nn.Module]
+    build_datasets: Callable[[Config], Splits]
+    step: Callable[[torch.nn.Module, Any], StepOutput]
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    shard_blocks: tuple[str, ...] = ()
+    validate: Callable[[Config], None] | None = None
+    report: Callable[..., None] | None = None
+
+
+    def bind(self, cfg: Config) -> Recipe:
+        """A copy whose step and metrics take the config when they ask for it as a third argument."""
+        return dataclasses.replace(self, step=_with_cfg(self.step, cfg, 2), metrics=_with_cfg(self.metrics, cfg, 2))
+
+
+def _with_cfg(fn: Callable, cfg: Config, base_args: int) -> Callable:
+    import functools
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return functools.partial(fn, cfg=cfg) if len(params) > base_args and "cfg" in params else fn
+
+
+REQUIRED = ("ModelConfig", "DataConfig", "build_model", "build_datasets", "step", "metrics")
+
+
+def available_recipes() -> dict[str, str]:
+    """name -> one-line description of every recipe shipped in recipes/."""
+    out = {}
+    for path in sorted(RECIPES_DIR.glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        out[path.stem] = _first_docstring_line(path)
+    return out
+
+
+def _first_docstring_line(path: Path) -> str:
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def resolve_recipe_path(name: str) -> Path:
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe={name} does not exist; give a recipe name or an existing .py file")
+        return path.resolve()
+    path = RECIPES_DIR / f"{name}.py"
+    if not path.is_file():
+        names = list(available_recipes())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown recipe={name!r}{hint}; available: {', '.join(names)} or a path to a .py file")
+    return path
+
+
+def load_recipe(name: str) -> Recipe:
+    if not name:
+        raise ConfigError(f"recipe is required, e.g. recipe=har; available: {', '.join(available_recipes())}")
+    path = resolve_recipe_path(name)
+    module_name = f"distrain_recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling by DataLoader workers need it registered
+    spec.loader.exec_module(module)
+    missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
+    if missing:
+        raise ConfigError(f"recipe={name} lacks {', '.join(missing)}; a recipe defines {', '.join(REQUIRED)}")
+    if not (isinstance(module.DataConfig, type) and issubclass(module.DataConfig, DataConfig)):
+        raise ConfigError(f"recipe={name}: DataConfig must subclass distrain.DataConfig")
+    yaml_path = path.with_suffix(".yaml")
+    defaults = load_yaml(yaml_path, what="recipe defaults") if yaml_path.is_file() else {}
+    return Recipe(
+        name=path.stem,
+        description=_first_docstring_line(path),
+        path=path,
+        module=module,
+        model_config=module.ModelConfig,
+        data_config=module.DataConfig,
+        defaults=defaults,
+        build_model=module.build_model,
+        build_datasets=module.build_datasets,
+        step=module.step,
+        metrics=module.metrics,
+        shard_blocks=tuple(getattr(module, "SHARD_BLOCKS", ())),
+        validate=getattr(module, "validate", None),
+        report=getattr(module, "report", None),
+    )
+
+
+def resolve_config(argv: list[str]) -> tuple[Config, Recipe]:
+    """Command-line `key=value` arguments -> validated Config and its Recipe.
+
+    Layers, lowest first: dataclass defaults, the recipe's YAML, `config=<file>`, overrides.
+    """
+    overrides = parse_overrides(argv)
+    file_layer: dict[str, Any] = {}
+    if "config" in overrides:
+        file_layer = load_yaml(str(overrides.pop("config")))
+    name = overrides.pop("recipe", None) or file_layer.pop("recipe", None)
+    file_layer.pop("recipe", None)
+    recipe = load_recipe(str(name) if name is not None else "")
+    cfg = Config(recipe=str(name), data=recipe.data_config(), model=recipe.model_config())
+    apply_dict(cfg, recipe.defaults)
+    apply_dict(cfg, file_layer)
+    for key, value in overrides.items():
+        apply_dict(cfg, {key: value})
+    validate(cfg)
+    if recipe.validate is not None:
+        recipe.validate(cfg)
+    return cfg, recipe.bind(cfg)

@@ -1,0 +1,14 @@
+"""Entry point: `accelerate launch distrain/run.py recipe=har [key=value ...]`, or `python distrain/run.py ...`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distrain.cli import run_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_main(sys.argv[1:]))

@@ -1,0 +1,459 @@
+"""The training loop shared by every recipe: train_step, evaluate, train.
+
+Nothing here depends on the backend: the Backend object owns wrapping, sync, backward,
+clipping and the optimizer step. The loss of an optimizer step is the sum of per-sample
+losses over all its micro-batches and ranks divided by the global sample count, so the
+gradient equals the big-batch gradient whatever the accumulation, world size or batch sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
+from distrain.config import Config, ConfigError, to_plain
+from distrain.data import (
+    BatchPlan,
+    EvalBatchSampler,
+    TrainBatchSampler,
+    as_dataset,
+    batch_size_of,
+    build_loader,
+    loader_kwargs,
+    move_to,
+)
+from distrain.metrics import MetricsLogger, init_trackers, peak_memory_mb, setup_logging, write_json
+from distrain.optim import build_optimizer, build_scheduler, effective_lr
+from distrain.recipe import Recipe, StepOutput
+from distrain.signals import InterruptFlag
+from distrain.weights import save_weights
+
+log = logging.getLogger("distrain")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+class Interrupted(Exception):
+    def __init__(self, exit_code: int):
+        super().__init__(f"interrupted, exit code {exit_code}")
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainState:
+    """Everything that changes as training runs; what a checkpoint has to restore."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # samples of the current epoch's order already trained on
+    best_metric: float | None = None
+    best_step: int = -1
+    best_epoch: int = -1
+    bad_evals: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last training log row."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    finite: int = 0
+    loss: float = 0.0
+    samples: int = 0
+    data: float = 0.0
+    compute: float = 0.0
+    optim: float = 0.0
+
+    def add(self, loss: float, samples: int, data: float, compute: float, optim: float) -> None:
+        self.steps += 1
+        if math.isfinite(loss):
+            self.finite += 1
+            self.loss += loss
+        self.samples += samples
+        self.data += data
+        self.compute += compute
+        self.optim += optim
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / Path(cfg.recipe).stem / stamp
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{stamp}-{n}"), n + 1
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: Config, recipe: Recipe):
+        self.cfg, self.recipe = cfg, recipe
+        self.accelerator = build_accelerator(cfg)
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        configure_torch(cfg)
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+
+        splits = recipe.build_datasets(cfg)  # may raise ConfigError: nothing written yet
+        self.datasets = {"train": as_dataset(splits.train), "val": as_dataset(splits.val)}
+        if splits.test is not None:
+            self.datasets["test"] = as_dataset(splits.test)
+        if cfg.data.batch_size == "auto":
+            raise ConfigError("data.batch_size=auto is not available in this version; give an integer")
+        self.plan = BatchPlan(
+            num_samples=len(self.datasets["train"]),
+            micro_batch=int(cfg.data.batch_size),
+            grad_accum=cfg.train.grad_accum,
+            world_size=self.world_size,
+            rank=self.rank,
+            seed=cfg.train.seed,
+            drop_last=cfg.data.drop_last,
+        )
+        if self.plan.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} x train.grad_accum={cfg.train.grad_accum} x "
+                f"{self.world_size} processes = {self.plan.global_batch} exceeds the "
+                f"{self.plan.num_samples} training samples; use a smaller batch"
+            )
+        t = cfg.train
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.plan.steps_per_epoch
+
+        model = recipe.build_model(cfg)
+        self.backend: Backend = select_backend(self.accelerator, cfg, recipe.shard_blocks)
+        model = self.backend.shard(model)
+        self.lr = effective_lr(cfg.optim, self.plan.global_batch)
+        optimizer = build_optimizer(model, cfg.optim, self.lr)
+        self.model, self.optimizer = self.backend.prepare(model, optimizer)
+        self.backend.verify(self.model)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.lr)
+        # Dropout and augmentation streams differ per rank; weights were seeded identically above.
+        torch.manual_seed(cfg.train.seed + 7919 * (self.rank + 1))
+
+        on_cuda = self.device.type == "cuda"
+        self.train_sampler = TrainBatchSampler(self.plan)
+        self.train_loader = build_loader(
+            self.datasets["train"],
+            self.train_sampler,
+            loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
+        )
+        self.non_blocking = on_cuda
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.interrupt = InterruptFlag()
+        self.run_dir = self._make_run_dir()
+        setup_logging(self.rank, self.run_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_run_dir(self) -> Path:
+        """Rank 0 picks the directory (a timestamp could differ between ranks) and writes config.yaml."""
+        from accelerate.utils import broadcast_object_list
+
+        chosen = [str(new_run_dir(self.cfg)) if self.rank == 0 else None]
+        if self.world_size > 1:
+            broadcast_object_list(chosen, from_process=0)
+        run_dir = Path(chosen[0])  # type: ignore[arg-type]
+        if self.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
+        self.accelerator.wait_for_everyone()
+        return run_dir
+
+    def plan_text(self) -> str:
+        total, trainable = count_params(self.backend.unwrap(self.model))
+        p = self.plan
+        rows = [
+            ("recipe", f"{self.recipe.name} ({self.recipe.path})"),
+            ("devices", f"{self.world_size} x {self.device.type}"
+             + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")),
+            ("backend", self.backend.name),
+            ("precision", self.cfg.precision),
+            ("batch", f"{p.micro_batch} micro x {p.grad_accum} accum x {p.world_size} ranks = {p.global_batch} global"),
+            ("steps", f"{p.steps_per_epoch} per epoch, {self.total_steps} total"),
+            ("data", ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())),
+            ("params", f"{total:,} total, {trainable:,} trainable"),
+            ("lr", f"{self.lr:g} ({self.cfg.optim.name}, {self.cfg.sched.name} schedule)"),
+            *self.backend.plan(self.model),
+            ("run dir", str(self.run_dir)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "plan\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+    # ------------------------------------------------------------------ steps
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def forward(self, batch: Any) -> StepOutput:
+        with self.accelerator.autocast():
+            out = self.recipe.step(self.model, batch)
+        if not isinstance(out, StepOutput):
+            raise TypeError(f"recipe step must return distrain.StepOutput, got {type(out).__name__}")
+        if out.loss.ndim == 0:
+            raise TypeError("recipe step must return per-sample losses (reduction='none'), got a scalar")
+        return out
+
+    def train_step(self, micro_batches: list[Any], global_count: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over this rank's micro-batches.
+
+        Returns the step's global mean loss, the gradient norm, and whether the step was applied.
+        """
+        factor = self.backend.loss_factor(global_count)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, batch in enumerate(micro_batches):
+            with self.backend.sync_context(self.model, sync=i == len(micro_batches) - 1):
+                out = self.forward(batch)
+                per_sample = out.loss.float()
+                self.backend.backward(per_sample.sum() * factor)
+            loss_sum += per_sample.detach().sum()
+        # One small all-reduce per step: the global loss and the interrupt flag, so all ranks
+        # agree on skipping a non-finite step and on stopping.
+        packed = torch.stack([loss_sum, torch.tensor(float(self.interrupt.signum > 0), device=self.device)])
+        packed = self._all_reduce_sum(packed)
+        loss = packed[0] / global_count
+        self._interrupt_agreed = bool(packed[1] > 0)
+        grad_norm = self.backend.clip_grad_norm(self.model, self.cfg.train.clip_norm)
+        check = torch.stack([loss, grad_norm.float()]) if self.cfg.precision != "fp16" else loss[None]
+        if not bool(torch.isfinite(check).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm, False
+        applied = self.backend.optimizer_step(self.optimizer)
+        return loss, grad_norm, applied
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Loss and the recipe's metrics on a split, each sample counted exactly once across ranks."""
+        dataset = self.datasets[split]
+        bs = self.cfg.data.eval_batch_size or 2 * int(self.cfg.data.batch_size)
+        sampler = EvalBatchSampler(len(dataset), bs, self.world_size, self.rank)
+        loader = build_loader(dataset, sampler, loader_kwargs(self.cfg.data, dataset, self.world_size, False))
+        self.model.eval()
+        losses, preds, targets = [], [], []
+        for batch in loader:
+            out = self.forward(move_to(batch, self.device, self.non_blocking))
+            losses.append(out.loss.float())
+            if out.preds is not None:
+                preds.append(out.preds)
+            if out.targets is not None:
+                targets.append(out.targets)
+        self.model.train()
+        mask = sampler.gathered_mask()
+
+        def gather(parts: list[torch.Tensor]) -> torch.Tensor | None:
+            if not parts:
+                return None
+            local = torch.cat(parts)
+            full = self.accelerator.gather(local.contiguous()) if self.world_size > 1 else local
+            return full.cpu()[mask[: len(full)]]
+
+        loss = gather(losses)
+        p, y = gather(preds), gather(targets)
+        result: dict[str, Any] = {"loss": float(loss.mean()) if loss is not None else float("nan")}
+        if p is not None and y is not None:
+            result.update(self.recipe.metrics(p, y))
+        self._last_eval_outputs = (p, y)
+        return result
+
+    def _on_eval(self, metrics: dict[str, Any]) -> None:
+        """Track the best metric, keep the best weights, count evaluations without improvement."""
+        t, s = self.cfg.train, self.state
+        if t.metric not in metrics:
+            raise ConfigError(
+                f"train.metric={t.metric!r} is not a validation metric; available: {', '.join(sorted(metrics))}"
+            )
+        value = float(metrics[t.metric])
+        sign = 1.0 if t.mode == "min" else -1.0
+        improved = s.best_metric is None or sign * (value - s.best_metric) < -t.min_delta
+        if improved:
+            s.best_metric, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch, 0
+            self.best_weights = self.backend.local_state_dict(self.model)
+        else:
+            s.bad_evals += 1
+            if t.patience and s.bad_evals >= t.patience:
+                s.stopped_early = True
+
+    # ------------------------------------------------------------------ loop
+
+    def _run_eval(self, logger: MetricsLogger, elapsed: float) -> None:
+        metrics = self.evaluate("val")
+        row = {"step": self.state.step, "epoch": self.state.epoch, "time": round(elapsed, 3)}
+        row.update({f"val/{k}": v for k, v in metrics.items()})
+        logger.log(row, self.state.step)
+        scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        log.info("eval step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in scalar.items()))
+        self._on_eval(metrics)
+        self._last_eval_step = self.state.step
+
+    def train(self) -> dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        if self.rank == 0:
+            log.info(self.plan_text())
+        init_trackers(self.accelerator, cfg, self.run_dir)
+        logger = MetricsLogger(self.accelerator, self.run_dir, self.total_steps, s.step, cfg.log.progress)
+        self.interrupt.install()
+        self._last_eval_step = -1
+        self._start = time.perf_counter()
+        exit_code = 0
+        try:
+            while s.step < self.total_steps and not s.stopped_early:
+                if self._train_epoch(logger):
+                    s.epoch, s.consumed = s.epoch + 1, 0
+                    if self._last_eval_step != s.step:
+                        self._run_eval(logger, time.perf_counter() - self._start)
+            if self._last_eval_step != s.step:
+                self._run_eval(logger, time.perf_counter() - self._start)
+        except Interrupted as e:
+            exit_code = e.exit_code
+            log.warning("interrupted at step %d: saving weights and exiting with %d", s.step, exit_code)
+        finally:
+            self.interrupt.restore()
+            logger.close()
+        return self._finish(exit_code, time.perf_counter() - self._start)
+
+    def _train_epoch(self, logger: MetricsLogger) -> bool:
+        """Train from the current position; True when the epoch ran out of samples."""
+        cfg, s = self.cfg, self.state
+        self.train_sampler.set_position(s.epoch, s.consumed)
+        order = self.plan.order(s.epoch)
+        batches = iter(self.train_loader)
+        window = Window()
+        while True:
+            step_idx = self.plan.step_samples(order, s.consumed)
+            if len(step_idx) == 0 or (self.plan.drop_last and len(step_idx) < self.plan.global_batch):
+                return True
+            if s.step >= self.total_steps or s.stopped_early:
+                return False
+            t0 = time.perf_counter()
+            micro = [move_to(next(batches), self.device, self.non_blocking) for _ in range(self.plan.grad_accum)]
+            t1 = time.perf_counter()
+            loss, grad_norm, applied = self.train_step(micro, len(step_idx))
+            t2 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            s.step += 1
+            s.consumed += len(step_idx)
+            loss_value = float(loss)
+            self._check_finite(loss_value, applied)
+            window.add(loss_value, len(step_idx), t1 - t0, t2 - t1, time.perf_counter() - t2)
+            if s.step % cfg.log.every == 0 or s.step == self.total_steps:
+                self._log_train(logger, window, lr, float(grad_norm))
+                window = Window()
+            else:
+                logger.advance(1)
+            if self._interrupt_agreed:
+                raise Interrupted(self.interrupt.exit_code or 130)
+            if cfg.train.eval_every and s.step % cfg.train.eval_every == 0:
+                self._run_eval(logger, time.perf_counter() - self._start)
+
+    def _check_finite(self, loss_value: float, applied: bool) -> None:
+        s = self.state
+        if math.isfinite(loss_value):
+            s.bad_steps = 0
+            s.skipped_steps += 0 if applied else 1
+            return
+        s.bad_steps += 1
+        s.skipped_steps += 1
+        log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", s.step, loss_value, s.bad_steps)
+        if s.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{s.bad_steps} consecutive steps with a non-finite loss (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); lower optim.lr, check the data, or use precision=bf16"
+            )
+
+    def _log_train(self, logger: MetricsLogger, w: Window, lr: float, grad_norm: float) -> None:
+        s = self.state
+        elapsed = time.perf_counter() - w.start
+        n = max(w.steps, 1)
+        row = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "loss": w.loss / w.finite if w.finite else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples_per_s": w.samples / elapsed if elapsed > 0 else 0.0,
+            "step_time": elapsed / n,
+            "data_time": w.data / n,
+            "compute_time": w.compute / n,
+            "optim_time": w.optim / n,
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "skipped_steps": s.skipped_steps,
+            "time": round(time.perf_counter() - self._start, 3),
+        }
+        logger.log(row, s.step)
+        logger.advance(w.steps, {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"})
+
+    # ------------------------------------------------------------------ end
+
+    def _finish(self, exit_code: int, wall: float) -> dict[str, Any]:
+        s = self.state
+        final = self.backend.full_state_dict(self.model)
+        if self.rank == 0:
+            save_weights(final, self.run_dir / "model.safetensors", metadata={"step": str(s.step)})
+        if self.cfg.log.save_rank_weights:
+            local = self.backend.local_state_dict(self.model)
+            save_weights({k: _local(v) for k, v in local.items()}, self.run_dir / f"rank_{self.rank}.safetensors")
+        if exit_code:
+            self.accelerator.wait_for_everyone()
+            return {"exit_code": exit_code, "step": s.step}
+        test_metrics: dict[str, Any] = {}
+        if self.best_weights is not None and s.best_step != s.step:
+            self.backend.load_local_state_dict(self.model, self.best_weights)
+            best = self.backend.full_state_dict(self.model)
+            if self.rank == 0:
+                save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
+        if "test" in self.datasets:
+            test_metrics = self.evaluate("test")
+            log.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
+            if self.rank == 0 and self.recipe.report is not None:
+                preds, targets = self._last_eval_outputs
+                self.recipe.report(self.run_dir, "test", preds, targets, self.cfg)
+        summary = {
+            "recipe": self.recipe.name,
+            "steps": s.step,
+            "epochs_completed": s.epoch,
+            "best_step": s.best_step,
+            "best_epoch": s.best_epoch,
+            "best_metric": {self.cfg.train.metric: s.best_metric},
+            "test": test_metrics,
+            "stopped_early": s.stopped_early,
+            "skipped_steps": s.skipped_steps,
+            "wall_time_s": round(wall, 3),
+            "samples_per_s": round(s.step * self.plan.global_batch / wall, 2) if wall > 0 else 0.0,
+            "world_size": self.world_size,
+            "backend": self.backend.name,
+            "run_dir": str(self.run_dir),
+        }
+        if self.rank == 0:
+            write_json(self.run_dir / "summary.json", summary)
+            log.info("done in %.1f s; summary in %s", wall, self.run_dir / "summary.json")
+        self.accelerator.end_training()
+        return summary
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

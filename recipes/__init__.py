@@ -1,0 +1,1 @@
+"""Recipes shipped with distrain: one module per training pipeline (see `distrain recipes`)."""

@@ -1,0 +1,171 @@
+"""Human-activity recognition from inertial-sensor windows: 1D-conv stem + transformer encoder.
+
+Default data: seglearn's smartwatch recordings (load_watch: 6 IMU channels at 50 Hz, 7 shoulder
+exercises, 10 subjects), cut into 128-sample windows with stride 64 and standardised per
+channel with training statistics. Split by subject: train 1-7, val 8, test 9-10, so no subject
+is in two splits. `data.source=uci_har data.path=<UCI HAR Dataset>` reads the official UCI HAR
+layout instead (9 channels, 6 activities; val = the last 4 training subjects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrain import ConfigError, DataConfig as BaseDataConfig, Splits, StepOutput, opt
+from distrain.classification import classification_metrics, save_confusion
+
+UCI_CHANNELS = [f"{kind}_{axis}" for kind in ("body_acc", "body_gyro", "total_acc") for axis in "xyz"]
+UCI_LABELS = ["WALKING", "UPSTAIRS", "DOWNSTAIRS", "SITTING", "STANDING", "LAYING"]
+
+
+@dataclass
+class ModelConfig:
+    width: int = opt(64, "channels of the conv stem and transformer width")
+    depth: int = opt(2, "transformer encoder blocks")
+    heads: int = opt(4, "attention heads")
+    dropout: float = opt(0.1, "dropout in the encoder and before the head")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    freeze_encoder: bool = opt(False, "train only the classification head (two-stage fine-tuning)")
+
+
+@dataclass
+class DataConfig(BaseDataConfig):
+    source: Literal["watch", "uci_har"] = opt("watch", "watch: seglearn's embedded data; uci_har: the UCI HAR folder")
+    path: str | None = opt(None, "UCI HAR Dataset folder (for source=uci_har)", must_exist=True)
+    window: int = opt(128, "samples per window (watch source)")
+    stride: int = opt(64, "samples between window starts (watch source)")
+
+
+def validate(cfg) -> None:
+    if cfg.data.source == "uci_har" and not cfg.data.path:
+        raise ConfigError("data.source=uci_har needs data.path=<UCI HAR Dataset folder>")
+
+
+def _windows(recordings, labels, subjects, window: int, stride: int):
+    xs, ys, ss = [], [], []
+    for rec, y, s in zip(recordings, labels, subjects):
+        starts = range(0, len(rec) - window + 1, stride)
+        xs += [rec[i : i + window].T for i in starts]
+        ys += [y] * len(starts)
+        ss += [s] * len(starts)
+    return np.stack(xs).astype(np.float32), np.array(ys), np.array(ss)
+
+
+def load_uci_har(root: str | Path) -> dict[str, np.ndarray]:
+    """UCI HAR: <root>/{train,test}/Inertial Signals/<channel>_<split>.txt (rows of 128), y_*.txt, subject_*.txt."""
+    out = {}
+    for split in ("train", "test"):
+        d = Path(root) / split
+        try:
+            x = np.stack([np.loadtxt(d / "Inertial Signals" / f"{c}_{split}.txt", ndmin=2) for c in UCI_CHANNELS], 1)
+            y = np.loadtxt(d / f"y_{split}.txt", dtype=np.int64, ndmin=1) - 1
+            s = np.loadtxt(d / f"subject_{split}.txt", dtype=np.int64, ndmin=1)
+        except OSError as e:
+            raise ConfigError(f"data.path={root} is not a UCI HAR folder: {e}") from None
+        out |= {f"x_{split}": x.astype(np.float32), f"y_{split}": y, f"s_{split}": s}
+    return out
+
+
+@lru_cache(maxsize=2)
+def load_arrays(source: str, path: str | None, window: int, stride: int):
+    """(x, y, subject) per split, standardised with training statistics, and the class names."""
+    if source == "uci_har":
+        d = load_uci_har(path)
+        val_subjects = np.unique(d["s_train"])[-4:]
+        in_val = np.isin(d["s_train"], val_subjects)
+        splits = {"train": ~in_val, "val": in_val}
+        parts = {k: (d["x_train"][m], d["y_train"][m], d["s_train"][m]) for k, m in splits.items()}
+        parts["test"] = (d["x_test"], d["y_test"], d["s_test"])
+        labels = UCI_LABELS
+    else:
+        from seglearn.datasets import load_watch
+
+        w = load_watch()
+        x, y, s = _windows(w["X"], w["y"], w["subject"], window, stride)
+        groups = {"train": s <= 7, "val": s == 8, "test": s >= 9}
+        parts = {k: (x[m], y[m], s[m]) for k, m in groups.items()}
+        labels = list(w["y_labels"])
+    mean = parts["train"][0].mean(axis=(0, 2), keepdims=True)
+    std = parts["train"][0].std(axis=(0, 2), keepdims=True) + 1e-6
+    arrays = {k: ((x - mean) / std, y, s) for k, (x, y, s) in parts.items()}
+    return arrays, labels
+
+
+def build_datasets(cfg) -> Splits:
+    arrays, _ = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+    tensors = {k: {"x": torch.from_numpy(x), "y": torch.from_numpy(y)} for k, (x, y, _) in arrays.items()}
+    return Splits(train=tensors["train"], val=tensors["val"], test=tensors["test"])
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block; the unit that FSDP shards and activation checkpointing wraps."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class HARModel(nn.Module):
+    def __init__(self, channels: int, classes: int, length: int, m: ModelConfig):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv1d(channels, m.width, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(m.width, m.width, 5, stride=2, padding=2), nn.GELU(),
+        )  # fmt: skip
+        self.pos = nn.Parameter(torch.zeros(1, (length + 3) // 4, m.width))
+        self.blocks = nn.ModuleList(EncoderBlock(m.width, m.heads, m.dropout) for _ in range(m.depth))
+        self.norm = nn.LayerNorm(m.width)
+        self.head = nn.Sequential(nn.Dropout(m.dropout), nn.Linear(m.width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+SHARD_BLOCKS = ("EncoderBlock",)
+
+
+def build_model(cfg) -> nn.Module:
+    arrays, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+    _, channels, length = arrays["train"][0].shape
+    model = HARModel(channels, len(labels), length, cfg.model)
+    if cfg.model.freeze_encoder:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    return model
+
+
+def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
+    logits = model(batch["x"])
+    loss = F.cross_entropy(logits.float(), batch["y"], reduction="none", label_smoothing=cfg.model.label_smoothing)
+    return StepOutput(loss=loss, preds=logits.argmax(-1), targets=batch["y"])
+
+
+def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
+    _, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+    return classification_metrics(preds, targets, num_classes=len(labels))
+
+
+def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
+    _, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+    save_confusion(run_dir, split, classification_metrics(preds, targets, len(labels))["confusion_matrix"], labels)
