@@ -16,6 +16,11 @@ from distrain.config import ConfigError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("distrain.cli", "run_main", "train a recipe: distrain run recipe=har [key=value ...]"),
     "recipes": ("distrain.cli", "recipes_main", "list the available recipes"),
+    "report": ("distrain.report", "main", "report.md + self-contained report.html: distrain report <run dir>"),
+    "profile": ("distrain.profile", "main", "profile a few steps with torch.profiler: distrain profile recipe=har"),
+    "bench": ("distrain.bench", "main", "throughput/memory per setting: distrain bench recipe=har --batch-sizes 32,64"),
+    "slurm": ("distrain.slurm", "main", "submit a recipe to Slurm: distrain slurm submit recipe=har --time 01:00:00"),
+    "export": ("distrain.export", "main", "consolidated weights for inference: distrain export <run dir> --out <dir>"),
 }
 
 USAGE = "usage: distrain <command> [args]\n\ncommands:\n"

@@ -45,6 +45,9 @@ class TrainConfig:
     seed: int = opt(0, "seed for weights, data order and augmentation")
     deterministic: bool = opt(False, "use deterministic algorithms (slower; bitwise repeatable on GPU)")
     compile: bool = opt(False, "torch.compile the model before any DDP/FSDP wrapping")
+    activation_checkpointing: bool = opt(
+        False, "recompute the activations of the recipe's SHARD_BLOCKS in backward (less memory, ~1/3 more compute)"
+    )
     metric: str = opt("loss", "validation metric that picks the best weights and drives early stopping")
     mode: Literal["min", "max"] = opt("min", "whether a lower or higher `metric` is better")
     patience: int = opt(0, "stop after this many evaluations without improvement; 0 disables early stopping")
@@ -87,6 +90,13 @@ class DataConfig:
     prefetch_factor: int | None = opt(None, "batches prefetched per worker; unset uses torch's default")
     drop_last: bool = opt(True, "drop the last short global batch of each epoch")
     eval_batch_size: int | None = opt(None, "micro-batch size for evaluation; unset uses 2 x batch_size")
+    global_batch: int | None = opt(
+        None, "with batch_size=auto: global batch kept through accumulation; unset: found micro x grad_accum x ranks"
+    )
+    auto_max_batch: int = opt(1024, "with batch_size=auto: largest micro-batch tried")
+    auto_memory_mb: float = opt(
+        0.0, "with batch_size=auto on CPU: memory budget per process for one step (MiB); 0 = half the available RAM"
+    )
 
 
 @dataclass
@@ -100,6 +110,9 @@ class LogConfig:
         "auto", "wandb mode; auto is online with an API key and offline without"
     )
     save_rank_weights: bool = opt(False, "debug: every rank writes its final local weights (rank_<r>.safetensors)")
+    flops: bool | None = opt(
+        None, "count model FLOPs once (first step) and log achieved TFLOP/s and MFU; unset means on CUDA only"
+    )
 
 
 @dataclass
@@ -356,6 +369,9 @@ def validate(cfg: Config) -> None:
         (0 < s.gamma <= 1, "sched.gamma", s.gamma, "a number in (0, 1]"),
         (d.batch_size == "auto" or d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1 or auto"),
         (d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0"),
+        (d.global_batch is None or d.global_batch >= 1, "data.global_batch", d.global_batch, "an integer >= 1"),
+        (d.auto_max_batch >= 1, "data.auto_max_batch", d.auto_max_batch, "an integer >= 1"),
+        (d.auto_memory_mb >= 0, "data.auto_memory_mb", d.auto_memory_mb, "a number >= 0 (0: half the RAM)"),
         (cfg.log.every >= 1, "log.every", cfg.log.every, "an integer >= 1"),
         (cfg.ckpt.every_steps >= 0, "ckpt.every_steps", cfg.ckpt.every_steps, "an integer >= 0"),
         (cfg.ckpt.keep_last >= 1, "ckpt.keep_last", cfg.ckpt.keep_last, "an integer >= 1"),

@@ -146,3 +146,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def slurm_info() -> dict[str, Any]:
+    """The Slurm job this run is part of, or {} outside Slurm. A requeued job keeps its id and
+    counts up SLURM_RESTART_COUNT, which tells the restarts apart in the log and summary."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return {
+        "job_id": f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else job,
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    }

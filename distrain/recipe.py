@@ -11,7 +11,8 @@ A recipe is a Python module that defines:
 
 and optionally `SHARD_BLOCKS` (class names FSDP wraps one by one and may checkpoint
 activations for), `validate(cfg)` (raise ConfigError on bad settings) and
-`report(run_dir, split, preds, targets, cfg)` (plots and tables written at the end).
+`report(run_dir, split, preds, targets, cfg)` (plots and tables written at the end) and
+`tokens(batch) -> int` (tokens in a micro-batch, for tokens/s; keep it cheap, no device sync).
 Defaults for any key live in `<recipe>.yaml` beside the module. The module docstring's
 first line is the recipe's one-line description.
 """
@@ -72,6 +73,7 @@ class Recipe:
     shard_blocks: tuple[str, ...] = ()
     validate: Callable[[Config], None] | None = None
     report: Callable[..., None] | None = None
+    tokens: Callable[[Any], int] | None = None
 
 
     def bind(self, cfg: Config) -> Recipe:
@@ -154,6 +156,7 @@ def load_recipe(name: str) -> Recipe:
         shard_blocks=tuple(getattr(module, "SHARD_BLOCKS", ())),
         validate=getattr(module, "validate", None),
         report=getattr(module, "report", None),
+        tokens=getattr(module, "tokens", None),
     )
 
 

@@ -8,6 +8,7 @@ gradient equals the big-batch gradient whatever the accumulation, world size or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from distrain import checkpoint
 from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
 from distrain.config import Config, ConfigError, to_plain
 from distrain.data import (
@@ -33,10 +35,11 @@ from distrain.data import (
     loader_kwargs,
     move_to,
 )
-from distrain.metrics import MetricsLogger, init_trackers, peak_memory_mb, setup_logging, write_json
+from distrain.metrics import MetricsLogger, init_trackers, peak_memory_mb, setup_logging, slurm_info, write_json
 from distrain.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.recipe import Recipe, StepOutput
 from distrain.signals import InterruptFlag
+from distrain.throughput import count_flops, mfu, peak_flops
 from distrain.weights import save_weights
 
 log = logging.getLogger("distrain")
@@ -81,9 +84,11 @@ class Window:
     data: float = 0.0
     compute: float = 0.0
     optim: float = 0.0
+    tokens: int = 0
 
-    def add(self, loss: float, samples: int, data: float, compute: float, optim: float) -> None:
+    def add(self, loss: float, samples: int, data: float, compute: float, optim: float, tokens: int = 0) -> None:
         self.steps += 1
+        self.tokens += tokens
         if math.isfinite(loss):
             self.finite += 1
             self.loss += loss
@@ -118,12 +123,18 @@ class Trainer:
         self.datasets = {"train": as_dataset(splits.train), "val": as_dataset(splits.val)}
         if splits.test is not None:
             self.datasets["test"] = as_dataset(splits.test)
-        if cfg.data.batch_size == "auto":
-            raise ConfigError("data.batch_size=auto is not available in this version; give an integer")
+        micro_batch, grad_accum, self.auto_batch_note = cfg.data.batch_size, cfg.train.grad_accum, ""
+        if micro_batch == "auto":
+            from distrain.batch_size import find_batch
+
+            train_set, autocast = self.datasets["train"], self.accelerator.autocast
+            found = find_batch(cfg, recipe, train_set, self.device, self.world_size, autocast)
+            micro_batch, grad_accum, self.auto_batch_note = found.micro_batch, found.grad_accum, found.note
+            torch.manual_seed(cfg.train.seed)  # the probe model consumed random numbers
         self.plan = BatchPlan(
             num_samples=len(self.datasets["train"]),
-            micro_batch=int(cfg.data.batch_size),
-            grad_accum=cfg.train.grad_accum,
+            micro_batch=int(micro_batch),
+            grad_accum=grad_accum,
             world_size=self.world_size,
             rank=self.rank,
             seed=cfg.train.seed,
@@ -157,16 +168,26 @@ class Trainer:
             loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
         )
         self.non_blocking = on_cuda
+        count = cfg.log.flops if cfg.log.flops is not None else on_cuda
+        self.flops_per_sample: float | None = None if count else 0.0  # None: count on the first step
+        self.peak_flops = peak_flops(self.device, cfg.precision)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.interrupt = InterruptFlag()
         self.run_dir = self._make_run_dir()
+        self._last_saved_step = -1
+        # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
+        self.resumed_from = checkpoint.resume(self) if cfg.resume else None
+        self._write_config()
         setup_logging(self.rank, self.run_dir)
+        if self.resumed_from is not None:
+            log.info("resumed from %s at step %d (epoch %d, %d samples in)", self.resumed_from, self.state.step,
+                     self.state.epoch, self.state.consumed)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
 
     def _make_run_dir(self) -> Path:
-        """Rank 0 picks the directory (a timestamp could differ between ranks) and writes config.yaml."""
+        """Rank 0 picks the directory (a timestamp could differ between ranks) and creates it."""
         from accelerate.utils import broadcast_object_list
 
         chosen = [str(new_run_dir(self.cfg)) if self.rank == 0 else None]
@@ -175,9 +196,19 @@ class Trainer:
         run_dir = Path(chosen[0])  # type: ignore[arg-type]
         if self.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
         self.accelerator.wait_for_everyone()
         return run_dir
+
+    def _write_config(self) -> None:
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
+        self.accelerator.wait_for_everyone()
+
+    def _save_step(self) -> None:
+        """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
+        if self._last_saved_step != self.state.step:
+            checkpoint.save(self, checkpoint.step_name(self.state.step))
+            self._last_saved_step = self.state.step
 
     def plan_text(self) -> str:
         total, trainable = count_params(self.backend.unwrap(self.model))
@@ -189,12 +220,15 @@ class Trainer:
             ("backend", self.backend.name),
             ("precision", self.cfg.precision),
             ("batch", f"{p.micro_batch} micro x {p.grad_accum} accum x {p.world_size} ranks = {p.global_batch} global"),
+            *([("auto batch", self.auto_batch_note)] if self.auto_batch_note else []),
             ("steps", f"{p.steps_per_epoch} per epoch, {self.total_steps} total"),
             ("data", ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())),
             ("params", f"{total:,} total, {trainable:,} trainable"),
             ("lr", f"{self.lr:g} ({self.cfg.optim.name}, {self.cfg.sched.name} schedule)"),
             *self.backend.plan(self.model),
             ("run dir", str(self.run_dir)),
+            *([("slurm", "job {job_id}, SLURM_RESTART_COUNT={restart_count}".format(**slurm_info()))]
+              if slurm_info() else []),
         ]
         width = max(len(k) for k, _ in rows)
         return "plan\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
@@ -222,18 +256,30 @@ class Trainer:
         """
         factor = self.backend.loss_factor(global_count)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        tokens = 0
         for i, batch in enumerate(micro_batches):
-            with self.backend.sync_context(self.model, sync=i == len(micro_batches) - 1):
+            counting = self.flops_per_sample is None and i == 0  # once per run, on the first micro-batch
+            with (
+                self.backend.sync_context(self.model, sync=i == len(micro_batches) - 1),
+                count_flops() if counting else contextlib.nullcontext() as flops,
+            ):
                 out = self.forward(batch)
                 per_sample = out.loss.float()
                 self.backend.backward(per_sample.sum() * factor)
+            if counting:
+                self.flops_per_sample = flops() / batch_size_of(batch)
             loss_sum += per_sample.detach().sum()
-        # One small all-reduce per step: the global loss and the interrupt flag, so all ranks
-        # agree on skipping a non-finite step and on stopping.
-        packed = torch.stack([loss_sum, torch.tensor(float(self.interrupt.signum > 0), device=self.device)])
+            if self.recipe.tokens is not None:
+                tokens += int(self.recipe.tokens(batch))
+        # One small all-reduce per step: the global loss, the interrupt flag and the token count,
+        # so all ranks agree on skipping a non-finite step and on stopping.
+        flag = float(self.interrupt.signum > 0)
+        packed = torch.cat([loss_sum[None], torch.tensor([flag, float(tokens)], device=self.device)])
         packed = self._all_reduce_sum(packed)
         loss = packed[0] / global_count
         self._interrupt_agreed = bool(packed[1] > 0)
+        self._step_tokens = int(packed[2]) if self.recipe.tokens is not None else 0
+        self._backward_done = time.perf_counter()  # after the sync above, so on CUDA too the split is real
         grad_norm = self.backend.clip_grad_norm(self.model, self.cfg.train.clip_norm)
         check = torch.stack([loss, grad_norm.float()]) if self.cfg.precision != "fp16" else loss[None]
         if not bool(torch.isfinite(check).all()):
@@ -248,7 +294,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, Any]:
         """Loss and the recipe's metrics on a split, each sample counted exactly once across ranks."""
         dataset = self.datasets[split]
-        bs = self.cfg.data.eval_batch_size or 2 * int(self.cfg.data.batch_size)
+        bs = self.cfg.data.eval_batch_size or 2 * self.plan.micro_batch
         sampler = EvalBatchSampler(len(dataset), bs, self.world_size, self.rank)
         loader = build_loader(dataset, sampler, loader_kwargs(self.cfg.data, dataset, self.world_size, False))
         self.model.eval()
@@ -291,6 +337,8 @@ class Trainer:
         if improved:
             s.best_metric, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch, 0
             self.best_weights = self.backend.local_state_dict(self.model)
+            if self.cfg.ckpt.save_best:
+                checkpoint.save(self, "best")
         else:
             s.bad_evals += 1
             if t.patience and s.bad_evals >= t.patience:
@@ -324,11 +372,16 @@ class Trainer:
                     s.epoch, s.consumed = s.epoch + 1, 0
                     if self._last_eval_step != s.step:
                         self._run_eval(logger, time.perf_counter() - self._start)
+                    if cfg.ckpt.every_epoch:
+                        self._save_step()
             if self._last_eval_step != s.step:
                 self._run_eval(logger, time.perf_counter() - self._start)
+            if cfg.ckpt.save_final:
+                self._save_step()
         except Interrupted as e:
             exit_code = e.exit_code
-            log.warning("interrupted at step %d: saving weights and exiting with %d", s.step, exit_code)
+            log.warning("interrupted at step %d: saving a checkpoint and exiting with %d", s.step, exit_code)
+            self._save_step()
         finally:
             self.interrupt.restore()
             logger.close()
@@ -351,14 +404,14 @@ class Trainer:
             micro = [move_to(next(batches), self.device, self.non_blocking) for _ in range(self.plan.grad_accum)]
             t1 = time.perf_counter()
             loss, grad_norm, applied = self.train_step(micro, len(step_idx))
-            t2 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             s.step += 1
             s.consumed += len(step_idx)
             loss_value = float(loss)
             self._check_finite(loss_value, applied)
-            window.add(loss_value, len(step_idx), t1 - t0, t2 - t1, time.perf_counter() - t2)
+            tb = self._backward_done
+            window.add(loss_value, len(step_idx), t1 - t0, tb - t1, time.perf_counter() - tb, self._step_tokens)
             if s.step % cfg.log.every == 0 or s.step == self.total_steps:
                 self._log_train(logger, window, lr, float(grad_norm))
                 window = Window()
@@ -368,6 +421,8 @@ class Trainer:
                 raise Interrupted(self.interrupt.exit_code or 130)
             if cfg.train.eval_every and s.step % cfg.train.eval_every == 0:
                 self._run_eval(logger, time.perf_counter() - self._start)
+            if cfg.ckpt.every_steps and s.step % cfg.ckpt.every_steps == 0:
+                self._save_step()
 
     def _check_finite(self, loss_value: float, applied: bool) -> None:
         s = self.state
@@ -400,11 +455,26 @@ class Trainer:
             "compute_time": w.compute / n,
             "optim_time": w.optim / n,
             "peak_mem_mb": peak_memory_mb(self.device),
+            **self._throughput_fields(w, elapsed),
             "skipped_steps": s.skipped_steps,
             "time": round(time.perf_counter() - self._start, 3),
         }
         logger.log(row, s.step)
         logger.advance(w.steps, {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"})
+
+    def _throughput_fields(self, w: Window, elapsed: float) -> dict[str, float]:
+        """tokens/s when the recipe counts tokens; achieved TFLOP/s per device and MFU once FLOPs are counted."""
+        out: dict[str, float] = {}
+        if self.recipe.tokens is not None and elapsed > 0:
+            out["tokens_per_s"] = w.tokens / elapsed
+        if self.flops_per_sample and elapsed > 0:
+            samples_per_s = w.samples / elapsed
+            out["flops_per_sample"] = self.flops_per_sample
+            out["tflops"] = self.flops_per_sample * samples_per_s / self.world_size / 1e12
+            util = mfu(self.flops_per_sample, samples_per_s, self.world_size, self.peak_flops)
+            if util is not None:
+                out["mfu"] = util
+        return out
 
     # ------------------------------------------------------------------ end
 
@@ -424,6 +494,10 @@ class Trainer:
             self.backend.load_local_state_dict(self.model, self.best_weights)
             best = self.backend.full_state_dict(self.model)
             if self.rank == 0:
+                save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
+        elif self.resumed_from is not None and s.best_step not in (-1, s.step) and self.rank == 0:
+            best = checkpoint.best_weights_on_disk(self.run_dir, s.best_step)  # resumed: no snapshot in memory
+            if best is not None:
                 save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
         if "test" in self.datasets:
             test_metrics = self.evaluate("test")
@@ -446,6 +520,7 @@ class Trainer:
             "world_size": self.world_size,
             "backend": self.backend.name,
             "run_dir": str(self.run_dir),
+            **({"slurm": slurm_info()} if slurm_info() else {}),
         }
         if self.rank == 0:
             write_json(self.run_dir / "summary.json", summary)

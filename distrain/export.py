@@ -1,0 +1,132 @@
+"""`distrain export`: a checkpoint -> consolidated weights for inference; `load_model(dir)` reads them back.
+
+    distrain export <run dir | checkpoint dir> --out <dir> [--max-shard-size 2GB]
+
+writes `model.safetensors` (or `model-00001-of-0000N.safetensors` shards of at most
+--max-shard-size plus `model.safetensors.index.json`, the Hugging Face layout) and the run's
+`config.yaml`. Works from any distrain checkpoint (single, DDP, FSDP2, DeepSpeed ZeRO): the
+pieces are reassembled on CPU without a process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distrain import checkpoint
+from distrain.config import Config, ConfigError, apply_dict
+from distrain.weights import save_weights
+
+INDEX_NAME = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size={text!r} is not a size; use e.g. 2GB, 500MB, 1GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None) -> Path:
+    """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`."""
+    ckpt = checkpoint.resolve(source)
+    state = checkpoint.full_model_state(ckpt)  # verifies checksums
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("model*.safetensors"), out / INDEX_NAME]:  # never mix old and new files
+        old.unlink(missing_ok=True)
+    step = str(checkpoint.read_json(ckpt / checkpoint.STATE).get("step", ""))
+    shards = _shards(state, max_shard_size) if max_shard_size else [state]
+    if len(shards) == 1:
+        save_weights(state, out / "model.safetensors", metadata={"format": "pt", "step": step})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_weights(shard, out / fname, metadata={"format": "pt", "step": step})
+            weight_map.update(dict.fromkeys(shard, fname))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        index = {"metadata": {"total_size": total, "step": step}, "weight_map": weight_map}
+        checkpoint._write_text(out / INDEX_NAME, json.dumps(index, indent=1))
+    shutil.copyfile(ckpt / "config.yaml", out / "config.yaml")
+    return out
+
+
+def load_weights_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights of an export folder (single file or sharded) or of a checkpoint folder."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / INDEX_NAME).is_file():
+        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for fname in sorted(set(weight_map.values())):
+            state.update(load_file(str(path / fname)))
+        return state
+    return checkpoint.full_model_state(checkpoint.resolve(path))
+
+
+def load_model(path: str | os.PathLike) -> torch.nn.Module:
+    """The recipe's model, built from `<path>/config.yaml`, with the exported (or checkpointed) weights.
+
+    On CPU, in eval mode, with no process group. `path` is an export folder, a checkpoint
+    folder or a run dir.
+    """
+    from distrain.recipe import load_recipe
+
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        path = checkpoint.resolve(path)
+    cfg_dict = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    recipe = load_recipe(str(cfg_dict.pop("recipe", "")))
+    cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
+    apply_dict(cfg, cfg_dict)
+    model = recipe.build_model(cfg)
+    state = load_weights_dir(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path} does not fit recipe {recipe.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="distrain export", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="run dir (its newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder for model.safetensors (+ index) and config.yaml")
+    parser.add_argument("--max-shard-size", default=None, help="split into shards of at most this size, e.g. 2GB")
+    args = parser.parse_args(argv)
+    try:
+        size = parse_size(args.max_shard_size) if args.max_shard_size else None
+        out = export(args.source, args.out, size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint.resolve(args.source)} -> {out}")
+    return 0
