@@ -66,6 +66,9 @@ def _claim_fsdp_request() -> None:
 def build_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator per run. On a machine without CUDA, multi-process runs use gloo on CPU."""
     _check_precision(cfg)
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        # accelerate turns fp16 autocast off on CPU without a word; refuse instead of training in fp32.
+        raise ConfigError("precision=fp16 needs a CUDA GPU (accelerate has no CPU fp16); use precision=bf16 or no")
     world = requested_world_size()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     # Accelerator(cpu=True) drops a DeepSpeed request: DeepSpeed on CPU runs with cpu=False and gloo.
@@ -73,12 +76,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     handlers: list[Any] = []
     if not torch.cuda.is_available() and world and world > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
     _claim_fsdp_request()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
-        log_with=trackers or None,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
@@ -486,9 +487,10 @@ class DeepSpeedBackend(Backend):
         model_state = self.full_state_dict(model)
         base = self.engine.optimizer.optimizer  # the torch optimizer stepping the fp32 partitions
         steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+        keys = sorted({k for s in base.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)})
         state: dict[str, dict[str, torch.Tensor]] = {}
         for name, p in module.named_parameters():
-            entries = {k: v.detach().to("cpu", copy=True) for k in ("exp_avg", "exp_avg_sq", "momentum_buffer")
+            entries = {k: v.detach().to("cpu", copy=True) for k in keys
                        if (v := safe_get_full_optimizer_state(p, k)) is not None}  # fmt: skip
             if entries and steps:
                 entries["step"] = torch.tensor(max(steps))

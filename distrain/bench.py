@@ -102,7 +102,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("--")]
     if unknown:
-        raise ConfigError(f"unknown option {unknown[0]}; options: --batch-sizes, --precision, --steps, --warmup, --json")
+        options = "--batch-sizes, --precision, --steps, --warmup, --json"
+        raise ConfigError(f"unknown option {unknown[0]}; options: {options}")
     return args, rest
 
 

@@ -180,6 +180,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed:
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads `precision=no` as false (and yes/on as true)
+            words = {"yes", "on", "true"} if value else {"no", "off", "false"}
+            spelled = [a for a in allowed if str(a).lower() in words]
+            if len(spelled) == 1:
+                return spelled[0]
         if isinstance(value, bool) is False and str(value) in [str(a) for a in allowed]:
             return allowed[[str(a) for a in allowed].index(str(value))]
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

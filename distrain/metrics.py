@@ -123,9 +123,15 @@ def write_json(path: Path, data: Any) -> None:
 def init_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> None:
     """TensorBoard / wandb through accelerate. wandb goes offline without an API key and the key
     is never written anywhere by distrain."""
-    if not (cfg.log.tensorboard or cfg.log.wandb):
+    names = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    if not names:
         return
+    from accelerate.tracking import filter_trackers
+
+    # The run dir is only known after the Accelerator exists (rank 0 picks it), so trackers are
+    # attached here rather than through Accelerator(log_with=...).
     accelerator.project_configuration.set_directories(str(run_dir))
+    accelerator.log_with = filter_trackers(names, accelerator.logging_dir)
     init_kwargs: dict[str, Any] = {}
     if cfg.log.wandb:
         mode = cfg.log.wandb_mode

@@ -10,6 +10,7 @@ preempt/partition_prio with PreemptMode=REQUEUE lets a `high` job preempt a `deb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -197,7 +198,5 @@ def _terminate(pid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.25)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

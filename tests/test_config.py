@@ -115,3 +115,10 @@ def test_recipe_missing_parts_is_config_error(tmp_path):
     bad.write_text('"""A broken recipe."""\n')
     with pytest.raises(ConfigError, match="lacks ModelConfig"):
         resolve_config([f"recipe={bad}"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only behaviour")
+def test_fp16_on_cpu_is_refused_not_silently_fp32(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "recipe=har", "precision=fp16", f"output_dir={out}"]) == 2
+    assert "precision=fp16 needs a CUDA GPU" in capsys.readouterr().err and not out.exists()

@@ -119,6 +119,7 @@ def test_ddp_two_processes_world_size_and_identical_ranks(tmp_path):
     assert "2 x cpu" in proc.stderr and "ddp" in proc.stderr
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == "ddp"
+    assert np.array(summary["test"]["confusion_matrix"]).sum() == 773  # odd: the eval pad is dropped, no duplicates
     r0, r1 = weights(ddp, "rank_0.safetensors"), weights(ddp, "rank_1.safetensors")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     # The same global batch of 32 from one process with accumulation 2 gives the same numbers.
@@ -162,3 +163,21 @@ def test_ctrl_c_saves_weights_and_exits_130(tmp_path):
     assert (out / "model.safetensors").is_file()
     w = weights(out)
     assert w and all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_trackers_tensorboard_and_wandb_offline(tmp_path):
+    out = tmp_path / "run"
+    env = {"WANDB_API_KEY": "", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    proc = run_distrain([*TINY_HAR, f"output_dir={out}", "train.max_steps=3", "log.tensorboard=true", "log.wandb=true"],
+                        env=env)
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.rglob("*"))
+    offline = list(out.rglob("offline-run-*"))
+    assert offline, sorted(str(p) for p in out.rglob("*"))[:20]
+    secret = "distrain-test-secret-key-0123456789abcdef"
+    proc = run_distrain([*TINY_HAR, f"output_dir={tmp_path / 'keyed'}", "train.max_steps=2", "log.wandb=true",
+                         "log.wandb_mode=offline"], env={**env, "WANDB_API_KEY": secret})
+    assert secret not in proc.stdout + proc.stderr
+    for path in (tmp_path / "keyed").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

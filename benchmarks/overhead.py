@@ -1,0 +1,234 @@
+"""Framework overhead: distrain vs a minimal hand-written PyTorch loop (and HF Trainer, Lightning).
+
+Same har model (same init), same batches in the same order, same AdamW with the same parameter
+groups, cosine schedule and clipping, fp32, one process, CPU. Runs are interleaved (A B C D, A B C D,
+...) so machine noise hits every framework alike; the figure is the median time of blocks of
+BLOCK steps (step end to step end, the first block of every run dropped as warm-up), and the
+ratio of each framework's median to the hand loop's, measured in the same run.
+
+    python benchmarks/overhead.py [--reps 3] [--steps 60] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from distrain.data import ArrayDataset, BatchPlan  # noqa: E402
+from distrain.recipe import resolve_config  # noqa: E402
+
+BLOCK = 10
+SEED = 0
+
+
+def setup(batch: int, steps: int):
+    cfg, recipe = resolve_config(["recipe=har", f"data.batch_size={batch}", f"train.max_steps={steps}"])
+    splits = recipe.build_datasets(cfg)
+    train = ArrayDataset(splits.train)
+    plan = BatchPlan(num_samples=len(train), micro_batch=batch, grad_accum=1, world_size=1, rank=0, seed=SEED)
+    order = plan.order(0)
+    batches = [order[i * batch : (i + 1) * batch].tolist() for i in range(steps)]  # epoch 0, as distrain takes it
+    return cfg, recipe, train, batches
+
+
+def make_model(cfg, recipe) -> torch.nn.Module:
+    torch.manual_seed(SEED)  # the trainer seeds, builds the datasets (no torch RNG), then the model
+    model = recipe.build_model(cfg)
+    torch.manual_seed(SEED + 7919)  # the trainer's dropout stream for rank 0
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg, steps: int):
+    """AdamW without decay on 1-D parameters, linear warmup then cosine: written out by hand."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    warm = round(cfg.sched.warmup_ratio * steps)
+
+    def factor(s: int) -> float:
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min((s - warm) / max(1, steps - warm), 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def loader(train: ArrayDataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(train, batch_sampler=batches, collate_fn=lambda b: b)
+
+
+def blocks(ends: list[float], start: float) -> list[float]:
+    """Durations of consecutive BLOCK-step blocks from step-end timestamps, the first block dropped."""
+    stamps = [start, *ends]
+    out = [stamps[i + BLOCK] - stamps[i] for i in range(0, len(ends) - BLOCK + 1, BLOCK)]
+    return out[1:]
+
+
+def run_hand(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
+    model = make_model(cfg, recipe)
+    opt, sched = make_optimizer(model, cfg, len(batches))
+    model.train()
+    ends, losses = [], []
+    start = time.perf_counter()
+    for batch in loader(train, batches):
+        loss = F.cross_entropy(model(batch["x"]), batch["y"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+        ends.append(time.perf_counter())
+    return blocks(ends, start), window_means(losses)
+
+
+def window_means(losses: list[float]) -> list[float]:
+    return [float(np.mean(losses[i : i + BLOCK])) for i in range(0, len(losses), BLOCK)]
+
+
+def run_distrain(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
+    from distrain.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["recipe=har", f"data.batch_size={len(batches[0])}", f"train.max_steps={len(batches)}",
+                f"log.every={BLOCK}", "log.progress=false", f"output_dir={tmp}", "ckpt.save_best=false"]  # fmt: skip
+        cfg_d, recipe_d = resolve_config(args)
+        Trainer(cfg_d, recipe_d).train()
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "step_time" in r]
+    # A row's step_time is the window's wall time (log row to log row) over its steps.
+    return [r["step_time"] * BLOCK for r in train_rows][1:], [r["loss"] for r in train_rows]
+
+
+def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str:
+    try:
+        from transformers import Trainer as HFTrainer
+        from transformers import TrainerCallback, TrainingArguments
+    except ImportError as e:
+        return f"not installed ({e})"
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            logits = self.model(x)
+            return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+    ends: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            ends.append(time.perf_counter())
+
+    model = Wrapped(make_model(cfg, recipe))
+    opt, sched = make_optimizer(model.model, cfg, len(batches))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=len(batches), per_device_train_batch_size=len(batches[0]),
+            max_grad_norm=cfg.train.clip_norm, logging_steps=BLOCK, save_strategy="no", report_to=[],
+            use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=SEED + 7919,
+        )  # fmt: skip
+
+        class SameBatches(HFTrainer):
+            def get_train_dataloader(self):
+                return loader(train, batches)
+
+        trainer = SameBatches(model=model, args=args, train_dataset=train, optimizers=(opt, sched), callbacks=[Stamp()])
+        torch.manual_seed(SEED + 7919)
+        start = time.perf_counter()
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return blocks(ends, start), losses
+
+
+def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str:
+    try:
+        import lightning as L
+    except ImportError as e:
+        return f"not installed ({e})"
+    ends: list[float] = []
+    losses: list[float] = []
+
+    class Module(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.model(batch["x"]), batch["y"])
+
+        def on_train_batch_end(self, outputs, *args):
+            losses.append(float(outputs["loss"]))
+            ends.append(time.perf_counter())
+
+        def configure_optimizers(self):
+            opt, sched = make_optimizer(self.model, cfg, len(batches))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = Module(make_model(cfg, recipe))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=len(batches), gradient_clip_val=cfg.train.clip_norm,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tempfile.gettempdir(),
+    )  # fmt: skip
+    torch.manual_seed(SEED + 7919)
+    start = time.perf_counter()
+    trainer.fit(module, loader(train, batches))
+    return blocks(ends, start), window_means(losses)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help="steps per run (within epoch 0)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", default="hand,distrain,hf,lightning")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    cfg, recipe, train, batches = setup(args.batch, args.steps)
+    runners = {"hand": run_hand, "distrain": run_distrain, "hf": run_hf, "lightning": run_lightning}
+    names = [n for n in args.only.split(",") if n in runners]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict[str, list[float]] = {}
+    skipped: dict[str, str] = {}
+    for rep in range(args.reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order too
+            if name in skipped:
+                continue
+            result = runners[name](cfg, recipe, train, batches)
+            if isinstance(result, str):
+                skipped[name] = result
+                continue
+            times[name].extend(result[0])
+            losses[name] = result[1]
+    hand = statistics.median(times["hand"])
+    print(f"har, batch {args.batch}, {args.steps} steps x {args.reps} interleaved reps, fp32, 1 process, "
+          f"{torch.get_num_threads()} CPU threads; blocks of {BLOCK} steps")  # fmt: skip
+    print(f"{'framework':<10} {'median ms/step':>15} {'ratio vs hand':>14} {'blocks':>7} {'max |dloss| vs hand':>20}")
+    for name in names:
+        if name in skipped:
+            print(f"{name:<10} skipped: {skipped[name]}")
+            continue
+        med = statistics.median(times[name])
+        n = min(len(losses[name]), len(losses["hand"]))
+        dloss = max(abs(a - b) for a, b in zip(losses[name][:n], losses["hand"][:n], strict=True))
+        print(f"{name:<10} {med / BLOCK * 1e3:>15.3f} {med / hand:>14.3f} {len(times[name]):>7} {dloss:>20.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Checkpoints in one process: exact resume, interrupts, crash points, corruption, mismatches, export.
+
+Every training run here is a real `python distrain/run.py` process on the tiny har model.
+The straight reference run saves at steps 20, 40 and 45 (38 steps per epoch), so resuming
+from step 20 crosses an epoch boundary and starts mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distrain import checkpoint as ck
+from distrain.export import export, load_weights_dir
+from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
+
+BASE = [*TINY_HAR, "train.max_steps=45", "ckpt.every_steps=20", "ckpt.keep_last=3"]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics_rows(run_dir) if "loss" in r}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ckpt") / "straight"
+    run_distrain([*BASE, f"output_dir={run}"])
+    return run
+
+
+def test_checkpoint_layout_has_no_pickle(straight):
+    root = straight / "checkpoints"
+    assert [p.name for p in ck.step_dirs(root)] == ["step_00000020", "step_00000040", "step_00000045"]
+    assert (root / "latest").read_text().strip() == "step_00000045"
+    assert (root / "best" / "COMPLETE").is_file()
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert path.suffix in (".safetensors", ".json", ".yaml", "") and path.name != "latest.tmp", path
+            assert path.suffix not in (".bin", ".pkl", ".pt", ".distcp")
+    state = json.loads((root / "step_00000020" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["consumed"]) == (20, 0, 20 * 64)
+    assert state["world_size"] == 1 and state["backend"] == "single" and state["recipe"] == "har"
+    # the final checkpoint holds exactly the final weights
+    assert_same_weights(ck.full_model_state(root / "step_00000045"), weights(straight))
+
+
+def test_resume_mid_epoch_is_bitwise_exact(straight, tmp_path):
+    run = tmp_path / "resumed"
+    run_distrain([*BASE, f"output_dir={run}", f"resume={straight}/checkpoints/step_00000020"])
+    ref, got = losses_by_step(straight), losses_by_step(run)
+    assert sorted(got) == list(range(21, 46))
+    assert [got[s] for s in got] == [ref[s] for s in got]  # bitwise, steps 21..45 across the epoch end
+    assert_same_weights(weights(run), weights(straight))
+
+
+def test_interrupt_saves_and_auto_resume_continues_exactly(tmp_path):
+    """SIGUSR1 mid-run -> checkpoint + exit 138; resume=auto continues; a finished run continues
+    when max_steps is raised. Constant schedule, so runs of different lengths share their steps."""
+    cfg = [*TINY_HAR, "sched.name=constant", "model.width=32"]
+    run = tmp_path / "interrupted"
+    cmd = [sys.executable, str(RUN_PY), *cfg, "train.max_steps=5000", f"output_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 3:
+            proc.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 138, out[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.removeprefix("step_"))
+    assert 3 <= stopped < 5000
+    assert max(losses_by_step(run)) == stopped  # saved at the step boundary where it stopped
+
+    run_distrain([*cfg, f"train.max_steps={stopped + 10}", f"output_dir={run}", "resume=auto"])
+    ref = tmp_path / "ref"  # straight to stopped+5: a finished run, then raised to stopped+10
+    run_distrain([*cfg, f"train.max_steps={stopped + 5}", f"output_dir={ref}"])
+    run_distrain([*cfg, f"train.max_steps={stopped + 10}", f"output_dir={ref}", "resume=auto"])
+    got, want = losses_by_step(run), losses_by_step(ref)
+    assert sorted(got) == sorted(want) == list(range(1, stopped + 11))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+    assert_same_weights(weights(run), weights(ref))
+
+
+@pytest.mark.parametrize("stage", ck.CRASH_STAGES)
+def test_crash_during_save_keeps_previous_checkpoint(stage, straight, tmp_path):
+    run = tmp_path / "crashed"
+    proc = run_distrain([*BASE, f"output_dir={run}"], env={ck.CRASH_ENV: f"{stage}:40"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    root = run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000020"
+    ck.verify(root / "step_00000020")
+    found = ck.find_resumable(run)
+    # the new checkpoint counts only once COMPLETE is written (then only `latest` lags behind)
+    assert found is not None and found.name == ("step_00000040" if stage == "before_latest" else "step_00000020")
+    if stage == "between_shards":  # the full path: resume=auto finishes the run with the straight weights
+        run_distrain([*BASE, f"output_dir={run}", "resume=auto"])
+        assert_same_weights(weights(run), weights(straight))
+        assert [p.name for p in ck.step_dirs(root)] == ["step_00000020", "step_00000040", "step_00000045"]
+        assert not list(root.glob(".tmp-*"))
+
+
+def _copy_run(straight: Path, dest: Path) -> Path:
+    shutil.copytree(straight / "checkpoints", dest / "checkpoints")
+    return dest
+
+
+def test_truncated_and_flipped_shards_are_detected(straight, tmp_path):
+    run = _copy_run(straight, tmp_path / "corrupt")
+    newest = run / "checkpoints" / "step_00000045"
+    shard = newest / "model-00000.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    with pytest.raises(ck.CheckpointError, match="model-00000.safetensors"):
+        ck.verify(newest)
+    assert ck.find_resumable(run).name == "step_00000040"
+
+    optim = run / "checkpoints" / "step_00000040" / "optim-00000.safetensors"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optim.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="optim-00000.safetensors.*checksum"):
+        ck.verify(optim.parent)
+    assert ck.find_resumable(run).name == "step_00000020"
+
+
+def test_incompatible_checkpoint_is_refused_and_nothing_overwritten(straight, tmp_path):
+    run = _copy_run(straight, tmp_path / "other")
+    (run / "config.yaml").write_text("marker: unchanged\n")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    proc = run_distrain([*BASE, "model.width=32", f"output_dir={run}", "resume=auto"], check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint") and "does not fit this model" in err and "shape of" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert (run / "config.yaml").read_text() == "marker: unchanged\n"
+    # another recipe: refused by name
+    index = ck.read_json(run / "checkpoints" / "step_00000045" / ck.INDEX)
+    state = ck.read_json(run / "checkpoints" / "step_00000045" / ck.STATE)
+    model_state = {k.removeprefix("model."): torch.empty(v["shape"]) for k, v in index["tensors"].items()
+                   if k.startswith("model.")}  # fmt: skip
+    with pytest.raises(ck.CheckpointError, match="from recipe=har, not recipe=regression"):
+        ck.check_fits(run, index, state, model_state, "regression")
+
+
+def test_save_then_load_in_the_same_process(tmp_path, monkeypatch):
+    """No process group, one process: save, then load into fresh objects; never torch.load."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, opt = build(0)
+    for _ in range(3):
+        model(torch.randn(8, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    path = ck.save_checkpoint(tmp_path, "step_00000003", msd, osd, {"step": 3}, "recipe: none\n")
+
+    def no_torch_load(*a, **k):
+        raise AssertionError("torch.load must not be used on checkpoints")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    ck.verify(path)
+    model2, opt2 = build(1)
+    tm, to = get_state_dict(model2, opt2)
+    lm, lo = ck.load_states(path, tm, to)
+    set_state_dict(model2, opt2, model_state_dict=lm, optim_state_dict=lo)
+    assert_same_weights(model.state_dict(), model2.state_dict())
+    x = torch.randn(8, 6)
+    for m, o in ((model, opt), (model2, opt2)):  # the next step is identical too (optimizer state restored)
+        m(x).square().mean().backward()
+        o.step()
+    assert_same_weights(model.state_dict(), model2.state_dict())
+
+
+def test_export_single_and_sharded_equal_trained_weights(straight, tmp_path):
+    import distrain
+
+    want = weights(straight)
+    out = export(straight, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert_same_weights(load_file(str(out / "model.safetensors")), want)
+    proc = subprocess.run([sys.executable, "-m", "distrain.cli", "export", str(straight / "checkpoints" / "step_00000045"),
+                           "--out", str(tmp_path / "sharded"), "--max-shard-size", "8KB"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(files) > 1 and all(p.stat().st_size < 8000 + 4096 for p in (tmp_path / "sharded").glob("model-*"))
+    assert_same_weights(load_weights_dir(tmp_path / "sharded"), want)
+    model = distrain.load_model(tmp_path / "sharded")
+    assert type(model).__name__ == "HARModel" and not model.training
+    assert_same_weights(model.state_dict(), want)
+    bad = subprocess.run([sys.executable, "-m", "distrain.cli", "export", str(tmp_path), "--out", str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "holds no complete checkpoint" in bad.stderr
