@@ -148,7 +148,6 @@ def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str
                 return loader(train, batches)
 
         trainer = SameBatches(model=model, args=args, train_dataset=train, optimizers=(opt, sched), callbacks=[Stamp()])
-        torch.manual_seed(SEED + 7919)
         start = time.perf_counter()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -197,8 +196,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="steps per run (within epoch 0)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--only", default="hand,distrain,hf,lightning")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least hurt by other load)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     cfg, recipe, train, batches = setup(args.batch, args.steps)
     runners = {"hand": run_hand, "distrain": run_distrain, "hf": run_hf, "lightning": run_lightning}
     names = [n for n in args.only.split(",") if n in runners]

@@ -443,6 +443,7 @@ class DeepSpeedBackend(Backend):
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        optimizer.step()  # accelerate's wrapper: a no-op that tells the LR schedule a step happened
         return bool(self.engine.was_step_applied())
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -480,12 +481,51 @@ class DeepSpeedBackend(Backend):
             raise ConfigError(f"checkpoints under DeepSpeed ZeRO-{self.stage} with this optimizer are not supported")
         return [[names[id(p)] for p in g] for g in groups]
 
+    def _linked_optimizer_state(self) -> torch.optim.Optimizer:
+        """The torch optimizer stepping the fp32 partitions, with its state created and linked to the
+        parameters (ZeRO-1/2 link lazily and can miss state that torch creates at the first step)."""
+        base = self.engine.optimizer.optimizer
+        if not base.state:  # not stepped yet: create the state with a zero-lr, zero-grad step (as DCP does)
+            lrs = [g["lr"] for g in base.param_groups]
+            for g in base.param_groups:
+                g["lr"] = 0.0
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            base.step()
+            for g, lr in zip(base.param_groups, lrs, strict=True):
+                g["lr"] = lr
+                for p in g["params"]:
+                    p.grad = None
+        if hasattr(self.engine.optimizer, "_hp_optimizer_states_linked"):
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        return base
+
+    def _set_full(self, p: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """Set a parameter's fp32 master copy (key None) or its optimizer state `key` from the full value,
+        and the working (low-precision) copy too, which DeepSpeed's safe_set_* leave stale."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.engine.optimizer
+        if self.stage == 3:  # safe_set_* fail on the padded last partition; write this rank's slice directly
+            part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+            n = part.numel()
+            piece = value.flatten()[n * zero._get_param_partition_rank(p) :][:n]
+            part.view(-1)[: piece.numel()].copy_(piece)
+            if key is None:
+                p.ds_tensor.data.view(-1)[: piece.numel()].copy_(piece)
+        elif key is None:
+            safe_set_full_fp32_param(p, value)
+            p.data.copy_(value.view_as(p))
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+
     def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         module = self.unwrap(model)
         model_state = self.full_state_dict(model)
-        base = self.engine.optimizer.optimizer  # the torch optimizer stepping the fp32 partitions
+        base = self._linked_optimizer_state()
         steps = [float(s["step"]) for s in base.state.values() if "step" in s]
         keys = sorted({k for s in base.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)})
         state: dict[str, dict[str, torch.Tensor]] = {}
@@ -503,14 +543,17 @@ class DeepSpeedBackend(Backend):
 
     def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
                               optim_state: dict[str, Any]) -> None:  # fmt: skip
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         module = self.unwrap(model)
-        self.load_local_state_dict(model, model_state)
-        for name, p in module.named_parameters():
+        self._linked_optimizer_state()
+        params = dict(module.named_parameters())
+        for name, t in module.state_dict(keep_vars=True).items():
+            if name not in params:
+                t.data.copy_(model_state[name])
+        for name, p in params.items():
+            self._set_full(p, model_state[name].to(self.accelerator.device))
             for key, value in optim_state["state"].get(name, {}).items():
                 if key != "step":
-                    safe_set_full_optimizer_state(p, value.to(self.accelerator.device), key)
+                    self._set_full(p, value.to(self.accelerator.device), key)
         steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
         for s in self.engine.optimizer.optimizer.state.values():
             if "step" in s and steps:

@@ -334,7 +334,7 @@ def submit_main(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     usage = "usage: distrain slurm submit recipe=<name> [key=value ...] [--nodes N --gpus-per-node G --time T ...]"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+        print(usage, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] != "submit":
         print(f"error: unknown slurm command {argv[0]!r}; available: submit", file=sys.stderr)

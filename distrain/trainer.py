@@ -174,6 +174,7 @@ class Trainer:
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.interrupt = InterruptFlag()
+        self.on_eval: list[Any] = []  # callables (step, val_metrics) run after every evaluation
         self.run_dir = self._make_run_dir()
         self._last_saved_step = -1
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
@@ -355,6 +356,8 @@ class Trainer:
         log.info("eval step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in scalar.items()))
         self._on_eval(metrics)
         self._last_eval_step = self.state.step
+        for callback in self.on_eval:  # e.g. a sweep's pruner: an exception it raises ends train()
+            callback(self.state.step, metrics)
 
     def train(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

@@ -125,10 +125,26 @@ class ImageSet(Dataset):
         return {"x": x, "y": self.labels[idx]}
 
 
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective hash of uint64 counters (wrapping arithmetic on arrays)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform(seed: int, epoch: int, indices: np.ndarray, n: int) -> np.ndarray:
+    """(len(indices), n) uniforms in [0, 1), a pure function of (seed, epoch, sample index): counter-based,
+    vectorised (a numpy Generator per sample costs ~0.3 ms, more than the augmentation itself)."""
+    key = _mix(_mix(np.array([seed], dtype=np.uint64)) ^ np.array([epoch], dtype=np.uint64))
+    counters = indices.astype(np.uint64)[:, None] * np.uint64(n) + np.arange(n, dtype=np.uint64)
+    return (_mix(counters ^ _mix(key)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def augment(x: torch.Tensor, indices: list[int], epoch: int, seed: int, aug: dict) -> torch.Tensor:
     """Random crop (as a shift of up to `crop_pad` pixels), flip, rotation and colour jitter on (B, C, H, W) in 0..255."""
     b, c, h, w = x.shape
-    draws = np.array([np.random.default_rng([seed, epoch, i]).random(7) for i in indices], dtype=np.float64)
+    draws = uniform(seed, epoch, np.asarray(indices), 7)
     angle = torch.from_numpy((2 * draws[:, 0] - 1) * math.radians(aug["rotation"])).float()
     flip = torch.from_numpy(np.where((draws[:, 1] < 0.5) & aug["hflip"], -1.0, 1.0)).float()
     shift = torch.from_numpy((2 * draws[:, 2:4] - 1) * 2 * aug["crop_pad"] / np.array([w, h])).float()

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distrain import ConfigError, DataConfig as BaseDataConfig, Splits, StepOutput, opt
+from distrain import ConfigError, Splits, StepOutput, opt
+from distrain import DataConfig as BaseDataConfig
 from distrain.classification import classification_metrics, save_confusion
 from recipes._pests_data import ImageSet, load_digits_images, read_image, scan_folders, scan_lists
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distrain import ConfigError, DataConfig as BaseDataConfig, Splits, StepOutput, opt
+from distrain import ConfigError, Splits, StepOutput, opt
+from distrain import DataConfig as BaseDataConfig
 from distrain.plots import loss_curves, pred_vs_truth
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distrain import ConfigError, DataConfig as BaseDataConfig, Splits, StepOutput, opt
+from distrain import ConfigError, Splits, StepOutput, opt
+from distrain import DataConfig as BaseDataConfig
 from recipes._traffic_data import load_series
 
 FORECASTERS = ("", "naive_", "snaive_")  # metric prefixes: model, last value, seasonal naive
@@ -59,7 +60,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.source={d.source} needs data.path=<file>")
     if d.len_source < 1 or d.len_target < 1 or d.season < 1:
         raise ConfigError("data.len_source, data.len_target and data.season must be integers >= 1")
-    if not (0 < d.val_fraction and 0 < d.test_fraction and d.val_fraction + d.test_fraction < 1):
+    if not (d.val_fraction > 0 and d.test_fraction > 0 and d.val_fraction + d.test_fraction < 1):
         raise ConfigError(f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: both > 0, sum < 1")
 
 

@@ -33,17 +33,19 @@ log_environment() {
 
 # Runs on every node (srun ships the function text, so $SLURM_NODEID expands on the node).
 # DISTRAIN_FORWARD=children: accelerate's and torchrun's launchers neither forward SIGUSR1 nor
-# survive it, so the launcher ignores USR1/TERM and the signals go to its children, the
-# training processes. DISTRAIN_FORWARD=self: the command handles the signals itself.
+# survive it, so the launcher ignores USR1 and the signals go to its children, the training
+# processes. (On TERM, torchrun's agent also passes TERM on and kills the workers 30 s later.)
+# DISTRAIN_FORWARD=self: the command handles the signals itself.
 node_task() {
   task_args
   if [ "$DISTRAIN_FORWARD" = children ]; then
-    (trap '' USR1 TERM; launch "${TASK_ARGS[@]}") &
+    (trap '' USR1; launch "${TASK_ARGS[@]}") &
   else
     launch "${TASK_ARGS[@]}" &
   fi
-  NODE_PID=$!
+  NODE_PID=$! NODE_SIGNAL=""
   forward() {
+    NODE_SIGNAL=$1
     if [ "$DISTRAIN_FORWARD" = children ]; then pkill "-$1" -P "$NODE_PID"; else kill "-$1" "$NODE_PID"; fi
   }
   trap 'forward USR1' USR1
@@ -53,6 +55,11 @@ node_task() {
     wait "$NODE_PID"; rc=$?
     kill -0 "$NODE_PID" 2>/dev/null || break
   done
+  # The launcher reports a worker that stopped on a signal as a plain failure (1): say which
+  # signal it was (138 USR1, 143 TERM), so the batch shell knows to requeue.
+  if [ -n "$NODE_SIGNAL" ] && [ "$rc" -ne 0 ]; then
+    rc=$(( 128 + $(kill -l "$NODE_SIGNAL") ))
+  fi
   return "$rc"
 }
 
@@ -87,9 +94,10 @@ run_job() {
   done
   trap - USR1 TERM
   echo "=== $(date -u +%T) training exited with code $rc"
-  # Non-zero after a signal: the run saved and stopped early (or died); run it again from
-  # its newest checkpoint. Zero: it finished before the signal took effect.
-  if [ -n "$DISTRAIN_SIGNAL" ] && [ "$rc" -ne 0 ]; then
+  # Non-zero after a signal to this shell or to the nodes (preemption may signal only the
+  # job steps): the run saved and stopped early (or died); run it again from its newest
+  # checkpoint. Zero: it finished before the signal took effect.
+  if [ "$rc" -ne 0 ] && { [ -n "$DISTRAIN_SIGNAL" ] || [ "$rc" -eq 138 ] || [ "$rc" -eq 143 ]; }; then
     requeue
   fi
   exit "$rc"

@@ -4,7 +4,8 @@ Installs slurmctld, slurmd, slurm-client and munge with apt-get when they are mi
 as root on a fresh Debian machine), then starts munged, slurmctld and slurmd from a private
 folder with free ports, so it touches neither /etc/slurm nor a cluster that is already running.
 Two partitions: `debug` (default, PriorityTier=1, 15 s grace) and `high` (PriorityTier=10);
-preempt/partition_prio with PreemptMode=REQUEUE lets a `high` job preempt a `debug` job.
+preempt/partition_prio with PreemptMode=REQUEUE lets a `high` job preempt a `debug` job; without
+preempt_send_user_signal the preempted job gets only SIGTERM, as on many clusters.
 `stop()` cancels the jobs and stops the daemons it started, by PID.
 """
 
@@ -130,7 +131,6 @@ MailProg=/bin/true
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SchedulerParameters=sched_interval=1,bf_interval=1
-SlurmctldParameters=preempt_send_user_signal
 NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} CPUs={self.cpus} Sockets=1 \
 CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={mem} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=15

@@ -104,6 +104,14 @@ def test_console_script_and_launcher_single_process(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    # plain `accelerate launch distrain/run.py` (no config file) on this machine: one process
+    out = tmp_path / "launched"
+    accelerate = REPO / ".venv" / "bin" / "accelerate"
+    proc = subprocess.run([str(accelerate) if accelerate.exists() else "accelerate", "launch", str(RUN_PY), *TINY_HAR,
+                           f"output_dir={out}", "train.max_steps=2"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
 
 
 @pytest.mark.multiproc

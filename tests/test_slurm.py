@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from distrain.slurm import SlurmOptions, render_training, submit_array
+from distrain.slurm import main as slurm_main
+
 from helpers import TINY_HAR, metrics_rows, run_distrain, weights
 from slurm_cluster import LocalSlurm, SlurmUnavailable, install
-
-from distrain.slurm import SlurmOptions, render_training
-from distrain.slurm import main as slurm_main
 
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 STEPS = 100  # ~5 epochs of the tiny har run: long enough to interrupt in the middle
@@ -242,7 +243,8 @@ def test_partition_preemption_requeues_and_resumes(cluster, reference, tmp_path)
     info = wait_done(cluster, job)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
-    assert "SLURM_RESTART_COUNT=1" in log
+    # Preemption here sends only TERM, and only to the job steps: the nodes report 143 and the job requeues.
+    assert "training exited with code 143" in log and "SLURM_RESTART_COUNT=1" in log
     assert seen < STEPS
     assert_resumed(run_dir)
     assert_same_run(run_dir, reference)
@@ -268,3 +270,16 @@ def test_array_runs_each_task_with_its_overrides(cluster, tmp_path):
     assert any(not torch.equal(w0[k], w1[k]) for k in w0), "the two tasks trained the same thing"
     assert len(list((tmp_path / "runs" / "slurm").glob("*.out"))) == 2  # one log per task
 
+
+
+@pytest.mark.slurm
+def test_submit_array_runs_the_command_in_each_task(cluster, tmp_path, monkeypatch):
+    """The entry point `distrain sweep --slurm-array N` uses: the same command in N tasks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    job = submit_array(["bash", "-c", 'echo "task $SLURM_ARRAY_TASK_ID" > out_$SLURM_ARRAY_TASK_ID.txt'], 2,
+                       time="5", cpus_per_task=1, job_name="sweep")  # fmt: skip
+    for task in range(2):
+        assert wait_done(cluster, f"{job}_{task}", timeout=120)["JobState"] == "COMPLETED"
+        assert (tmp_path / f"out_{task}.txt").read_text() == f"task {task}\n"
+    assert len(list((tmp_path / "runs" / "slurm").glob("sweep-*.out"))) == 2

@@ -1,0 +1,155 @@
+"""Checkpoint save/load time and size: distrain's sharded format vs plain safetensors.
+
+    python benchmarks/checkpoint.py [--models har,synthetic100m] [--repeats 2]
+
+For each model, 2 CPU processes (gloo) save and load a full training state (weights + AdamW
+moments) with distrain.checkpoint under DDP and under FSDP2. The reference is
+`safetensors.torch.save_file` / `load_file` of the same full state dict from one process,
+measured in the same run. Ratios are distrain time / reference time (target <= 1.5). Save
+includes fsync and checksums; load includes checksum verification and setting the state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distrain import checkpoint as ck  # noqa: E402
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[type, ...]]:
+    """The model and the block classes FSDP2 shards one by one."""
+    torch.manual_seed(0)
+    if name == "har":
+        from recipes.har import EncoderBlock, HARModel, ModelConfig  # noqa: F401
+
+        from distrain.recipe import resolve_config
+
+        cfg, recipe = resolve_config(["recipe=har"])
+        return recipe.build_model(cfg), (EncoderBlock,)
+    width, depth = 2048, 24  # 24 x (2048 x 2048 + 2048) = 100.7M parameters
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)]), (torch.nn.Linear,)
+
+
+def with_optimizer_state(model: torch.nn.Module) -> torch.optim.Optimizer:
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _init_optim_state(opt)  # creates exp_avg/exp_avg_sq/step as a first step would
+    return opt
+
+
+def reference(name: str, tmp: Path, repeats: int) -> dict[str, float]:
+    """One process: the full state dict (weights + optimizer moments) through save_file/load_file."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, _ = build(name)
+    opt = with_optimizer_state(model)
+    msd, osd = get_state_dict(model, opt)
+    flat = {f"model.{k}": v for k, v in msd.items()}
+    tensors, _ = ck.flatten_optim(osd)
+    flat.update({f"optim.{k}": v.clone() if v.ndim == 0 else v for k, v in tensors.items()})
+    path = tmp / "reference.safetensors"
+    save_t, load_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        save_file(flat, str(path))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        save_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loaded = load_file(str(path))
+        load_t.append(time.perf_counter() - t0)
+        del loaded
+    size = path.stat().st_size
+    path.unlink()
+    params = sum(p.numel() for p in model.parameters())
+    return {"save": min(save_t), "load": min(load_t), "bytes": size, "params": params}
+
+
+def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, repeats: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, blocks = build(name)
+    if backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model.modules():
+            if isinstance(m, blocks):
+                fully_shard(m)
+        fully_shard(model)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = with_optimizer_state(model)
+    run_dir = Path(tmp) / f"{name}-{backend}"
+    save_t, load_t = [], []
+    for r in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        msd, osd = get_state_dict(model, opt)
+        path = ck.save_checkpoint(run_dir, ck.step_name(r + 1), msd, osd, {"step": r + 1}, "{}\n", rank, world)
+        save_t.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        chosen = ck.choose(str(path), run_dir, rank)  # rank 0 verifies every checksum
+        tm, to = get_state_dict(model, opt)
+        lm, lo = ck.load_states(chosen, tm, to)
+        set_state_dict(model, opt, model_state_dict=lm, optim_state_dict=lo)
+        dist.barrier()
+        load_t.append(time.perf_counter() - t0)
+        if rank == 0:
+            size = sum(f.stat().st_size for f in path.iterdir())
+            if r + 1 < repeats:
+                shutil.rmtree(path)
+    if rank == 0:
+        out[backend] = {"save": min(save_t), "load": min(load_t), "bytes": size}
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="har,synthetic100m")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="distrain-ckpt-bench-") as tmp:
+        for name in args.models.split(","):
+            ref = reference(name, Path(tmp), args.repeats)
+            results = mp.Manager().dict()
+            for backend in ("ddp", "fsdp2"):
+                mp.spawn(worker, args=(2, free_port(), name, backend, tmp, args.repeats, results), nprocs=2)
+                shutil.rmtree(Path(tmp) / f"{name}-{backend}", ignore_errors=True)
+                r = results[backend]
+                rows.append((name, ref["params"], backend, r["bytes"], ref["bytes"], r["save"], ref["save"],
+                             r["load"], ref["load"]))  # fmt: skip
+    print("| model | params | backend | ckpt MB | ref MB | save s | ref save s | save ratio | load s | ref load s | load ratio |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, params, backend, b, rb, s, rs, lo, rl in rows:
+        print(f"| {name} | {params / 1e6:.1f}M | {backend} | {b / 1e6:.1f} | {rb / 1e6:.1f} | {s:.3f} | {rs:.3f} | "
+              f"{s / rs:.2f} | {lo:.3f} | {rl:.3f} | {lo / rl:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""One recipe, every backend: DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 give the same training.
+
+Each backend run launches 2 real processes over gloo through the shipped
+`launch_configs/cpu_*.yaml` and is compared with a 1-process run with accumulation 2 (the
+same global batch of 16): per-step losses and gradient norms from metrics.jsonl, and the final
+weights from model.safetensors. Checkpointing is off: these tests are about the backends.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+
+from distrain.backends import DeepSpeedBackend, FSDPBackend, LaunchError, fill_deepspeed_config
+from distrain.config import Config, ConfigError
+from distrain.recipe import resolve_config
+
+from helpers import TINY_HAR, metrics_rows, run_distrain, weights
+
+STEPS = 10
+BASE = [*TINY_HAR, f"train.max_steps={STEPS}", "data.batch_size=8", "ckpt.save_best=false", "ckpt.save_final=false"]
+LAUNCH = {
+    "ddp": "cpu_ddp",
+    "fsdp2": "cpu_fsdp",
+    "deepspeed_zero1": "cpu_zero1",
+    "deepspeed_zero2": "cpu_zero2",
+    "deepspeed_zero3": "cpu_zero3",
+}
+
+# fp32: everything within 1e-5 (measured: losses 1.4e-7, grad norms 1.8e-7, weights 1e-7).
+FP32_TOL = 1e-5
+# bf16: FSDP2 and DeepSpeed run the forward on bf16 copies of the weights while the 1-process
+# reference autocasts fp32 weights, so rounding differs. Measured: losses 9e-4 relative, grad
+# norms 3e-3 relative, weights 8.5% of the distance trained. Allowed: 5e-3, 2e-2, 15%; a wrong
+# gradient scale, LR schedule or sync shows as O(1) there. DDP autocasts exactly like the
+# reference, so it keeps the fp32 tolerance in bf16 too.
+BF16_LOSS_TOL, BF16_NORM_TOL, BF16_WEIGHT_TOL = 5e-3, 2e-2, 0.15
+
+
+def _series(run_dir: Path, key: str) -> list[float]:
+    return [r[key] for r in metrics_rows(run_dir) if key in r and "loss" in r]
+
+
+def _max_rel(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) == STEPS, (len(a), len(b))
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def _key_bias_free(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the key part of the attention qkv bias.
+
+    Softmax is invariant to adding a constant to every key score, so the key bias has a zero
+    true gradient: what backward computes there is float round-off, which Adam divides by its
+    own square root into lr-sized steps of random sign. Those entries differ by ~1e-4 between
+    ANY two reduction orders (two fp32 single-process runs with other batch splits too), so
+    comparing them tests nothing. The query and value parts of the same tensor are compared.
+    """
+    out = dict(state)
+    for name, t in state.items():
+        if name.endswith("qkv.bias"):
+            q, _, v = t.chunk(3)
+            out[name] = torch.cat([q, v])
+    return out
+
+
+@cache
+def _initial_weights() -> dict[str, torch.Tensor]:
+    """The weights every run starts from: seeded as the trainer seeds, before the first step."""
+    cfg, recipe = resolve_config(BASE)
+    torch.manual_seed(cfg.train.seed)
+    recipe.build_datasets(cfg)
+    return recipe.build_model(cfg).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, Path]:
+    """1 process, accumulation 2: the same global batch as 2 processes x accumulation 1."""
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path_factory.mktemp(f"ref_{precision}")
+        run_distrain([*BASE, "train.grad_accum=2", f"precision={precision}", f"output_dir={out}"])
+        runs[precision] = out
+    return runs
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("backend", list(LAUNCH))
+def test_backend_matches_single_process(backend: str, precision: str, reference: dict[str, Path], tmp_path: Path):
+    run_distrain([*BASE, f"precision={precision}", f"output_dir={tmp_path}"], launch_config=LAUNCH[backend])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["backend"], summary["world_size"]) == (backend, 2)
+
+    ref = reference[precision]
+    loss_err = _max_rel(_series(tmp_path, "loss"), _series(ref, "loss"))
+    norm_err = _max_rel(_series(tmp_path, "grad_norm"), _series(ref, "grad_norm"))
+    got, want = _key_bias_free(weights(tmp_path)), _key_bias_free(weights(ref))
+    assert got.keys() == want.keys()
+    if precision == "no" or backend == "ddp":
+        assert loss_err < FP32_TOL, f"per-step losses differ by {loss_err:.2e} relative"
+        assert norm_err < FP32_TOL, f"per-step gradient norms differ by {norm_err:.2e} relative"
+        for k in want:
+            err = float((got[k] - want[k]).abs().max())
+            assert err < FP32_TOL, f"final weight {k} differs by {err:.2e}"
+        return
+    assert loss_err < BF16_LOSS_TOL, f"bf16 per-step losses differ by {loss_err:.2e} relative"
+    assert norm_err < BF16_NORM_TOL, f"bf16 per-step gradient norms differ by {norm_err:.2e} relative"
+    start = _key_bias_free(_initial_weights())
+    flat = {name: torch.cat([s[k].flatten().float() for k in sorted(want)]) for name, s in
+            (("got", got), ("want", want), ("start", start))}  # fmt: skip
+    trained = float((flat["want"] - flat["start"]).norm())
+    assert 0 < trained < 0.2 * float(flat["start"].norm()), "the reconstructed initial weights are not the run's"
+    dev = float((flat["got"] - flat["want"]).norm()) / trained
+    assert dev < BF16_WEIGHT_TOL, f"bf16 final weights deviate by {dev:.1%} of the distance trained"
+
+
+# ---------------------------------------------------------------- refusing silent fallbacks
+
+
+def _backend(cls: type, **attrs) -> object:
+    """A backend object with the attributes verify() reads, without starting DeepSpeed/FSDP."""
+    b = cls.__new__(cls)
+    b.__dict__.update(attrs)
+    return b
+
+
+def test_fsdp_verify_refuses_an_unwrapped_model():
+    backend = FSDPBackend(Accelerator(cpu=True), Config(), ("Linear",))
+    with pytest.raises(LaunchError, match="not FSDP-wrapped"):
+        backend.verify(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_deepspeed_verify_refuses_a_plain_model():
+    backend = _backend(DeepSpeedBackend, stage=3, world_size=2)
+    with pytest.raises(LaunchError, match="not an engine"):
+        backend.verify(nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------- DeepSpeed config: one source of truth
+
+
+def _cfg(*overrides: str) -> Config:
+    cfg, _ = resolve_config([*BASE, *overrides])
+    return cfg
+
+
+def test_deepspeed_auto_fields_are_filled_from_distrain():
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}  # fmt: skip
+    fill_deepspeed_config(ds, _cfg("train.grad_accum=3", "train.clip_norm=0.5", "precision=bf16"), world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 8 * 3 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+
+def test_deepspeed_json_that_contradicts_distrain_is_an_error_naming_both():
+    ds = {"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=8 .*train\.grad_accum=2"):
+        fill_deepspeed_config(ds, _cfg("train.grad_accum=2"), world_size=2, source="ds.json")
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True .*precision='no'"):
+        fill_deepspeed_config({"bf16": {"enabled": True}}, _cfg(), world_size=2)
+    with pytest.raises(ConfigError, match="'optimizer' block"):
+        fill_deepspeed_config({"optimizer": {"type": "AdamW"}}, _cfg(), world_size=2)
+
+
+def test_matching_concrete_values_are_accepted():
+    ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "2", "gradient_clipping": 1.0}
+    fill_deepspeed_config(ds, _cfg("train.grad_accum=2"), world_size=2)
+    assert ds["train_batch_size"] == 32

@@ -1,0 +1,130 @@
+"""Checkpoints across processes and backends: exact resume under DDP, FSDP2 and DeepSpeed, and
+resharding 2 -> 1 and 1 -> 2 ranks and between backends, with the global batch held constant
+through accumulation (2 ranks x 32 = 1 rank x 32 x 2 accumulation steps).
+
+Real 2-process runs through the shipped launch configs; independent launches run two at a time.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_HAR, metrics_rows, run_distrain, weights
+
+from distrain import checkpoint as ck
+from distrain.export import export, load_weights_dir
+
+pytestmark = pytest.mark.multiproc
+
+CFG = [*TINY_HAR, "data.batch_size=32", "train.max_steps=30", "ckpt.every_steps=10"]
+SINGLE = ["train.grad_accum=2"]  # one process, same global batch
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics_rows(run_dir) if "loss" in r}
+
+
+def ckpt(run_dir: Path, step: int) -> str:
+    return f"resume={run_dir}/checkpoints/{ck.step_name(step)}"
+
+
+def launch_all(*runs: tuple[list[str], str | None]) -> None:
+    """Run (args, launch_config) pairs, two at a time."""
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(run_distrain, args, cfg) for args, cfg in runs]:
+            f.result()
+
+
+def assert_exact(ref: Path, run: Path, first: int, last: int) -> None:
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(first, last + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(got)]
+
+
+def assert_close(ref: Path, run: Path, first: int, last: int, tol: float = 1e-6) -> None:
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(first, last + 1))
+    diff = max(abs(got[s] - want[s]) for s in got)
+    assert diff <= tol, diff
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """ddp: straight 30 steps (saves 10, 20, 30); fsdp: FSDP2 resumed from ddp step 10."""
+    root = tmp_path_factory.mktemp("mp")
+    out = {"root": root, "ddp": root / "ddp", "fsdp": root / "fsdp"}
+    run_distrain([*CFG, f"output_dir={out['ddp']}"], "cpu_ddp")
+    return out
+
+
+def test_ddp_exact_resume_and_reshard_to_one_process_and_fsdp(runs):
+    ddp, root = runs["ddp"], runs["root"]
+    launch_all(
+        ([*CFG, f"output_dir={root / 'ddp_resumed'}", ckpt(ddp, 10)], "cpu_ddp"),
+        ([*CFG, *SINGLE, f"output_dir={root / 'ddp_to_1'}", ckpt(ddp, 10)], None),
+    )
+    assert_exact(ddp, root / "ddp_resumed", 11, 30)
+    assert_same_weights(weights(root / "ddp_resumed"), weights(ddp))
+    assert_close(ddp, root / "ddp_to_1", 11, 30)
+    run_distrain([*CFG, f"output_dir={runs['fsdp']}", ckpt(ddp, 10)], "cpu_fsdp")  # DDP -> FSDP2
+    assert_close(ddp, runs["fsdp"], 11, 30)
+    state = ck.read_json(runs["fsdp"] / "checkpoints" / ck.step_name(20) / ck.STATE)
+    assert state["backend"].startswith("fsdp") and state["world_size"] == 2
+
+
+def test_fsdp_exact_resume_and_reshard_to_one_process_and_ddp(runs):
+    fsdp, root = runs["fsdp"], runs["root"]
+    if not (fsdp / "checkpoints").is_dir():
+        pytest.skip("needs the FSDP2 run of the previous test")
+    launch_all(
+        ([*CFG, f"output_dir={root / 'fsdp_resumed'}", ckpt(fsdp, 20)], "cpu_fsdp"),
+        ([*CFG, f"output_dir={root / 'fsdp_to_ddp'}", ckpt(fsdp, 20)], "cpu_ddp"),
+    )
+    assert_exact(fsdp, root / "fsdp_resumed", 21, 30)
+    assert_same_weights(weights(root / "fsdp_resumed"), weights(fsdp))
+    assert_close(fsdp, root / "fsdp_to_ddp", 21, 30)
+    # FSDP2 -> 1 process, which saves a single-process checkpoint at 25 that resumes on 2 (DDP and FSDP2)
+    single = root / "fsdp_to_1"
+    run_distrain([*CFG, *SINGLE, "ckpt.every_steps=5", f"output_dir={single}", ckpt(fsdp, 20)])
+    assert_close(fsdp, single, 21, 30)
+    assert ck.read_json(single / "checkpoints" / ck.step_name(25) / ck.STATE)["world_size"] == 1
+    launch_all(
+        ([*CFG, f"output_dir={root / 'one_to_ddp'}", ckpt(single, 25)], "cpu_ddp"),
+        ([*CFG, f"output_dir={root / 'one_to_fsdp'}", ckpt(single, 25)], "cpu_fsdp"),
+    )
+    assert_close(fsdp, root / "one_to_ddp", 26, 30)
+    assert_close(fsdp, root / "one_to_fsdp", 26, 30)
+    # export from a sharded FSDP2 checkpoint equals the trained (consolidated) weights
+    out = export(fsdp, root / "fsdp_export")
+    assert_same_weights(load_weights_dir(out), weights(fsdp))
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoints_resume_across_zero_stages_and_backends(runs):
+    root = runs["root"]
+    z2, z3 = root / "z2", root / "z3"
+    run_distrain([*CFG, f"output_dir={z2}"], "cpu_zero2")
+    launch_all(
+        ([*CFG, f"output_dir={root / 'z2_resumed'}", ckpt(z2, 10)], "cpu_zero2"),
+        ([*CFG, f"output_dir={z3}", ckpt(z2, 10)], "cpu_zero3"),
+    )
+    assert_exact(z2, root / "z2_resumed", 11, 30)
+    assert_same_weights(weights(root / "z2_resumed"), weights(z2))
+    assert_close(z2, z3, 11, 30)
+    launch_all(
+        ([*CFG, f"output_dir={root / 'z3_resumed'}", ckpt(z3, 20)], "cpu_zero3"),
+        ([*CFG, f"output_dir={root / 'z3_to_ddp'}", ckpt(z3, 20)], "cpu_ddp"),
+    )
+    assert_exact(z3, root / "z3_resumed", 21, 30)
+    assert_close(z3, root / "z3_to_ddp", 21, 30)
+    out = export(z3, root / "z3_export")  # ZeRO-3 partitions consolidated
+    assert_same_weights(load_weights_dir(out), weights(z3))
