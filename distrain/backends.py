@@ -511,9 +511,10 @@ class DeepSpeedBackend(Backend):
             part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
             n = part.numel()
             piece = value.flatten()[n * zero._get_param_partition_rank(p) :][:n]
-            part.view(-1)[: piece.numel()].copy_(piece)
-            if key is None:
-                p.ds_tensor.data.view(-1)[: piece.numel()].copy_(piece)
+            with torch.no_grad():  # in-place writes into leaf partitions
+                part.view(-1)[: piece.numel()].copy_(piece)
+                if key is None:
+                    p.ds_tensor.data.view(-1)[: piece.numel()].copy_(piece)
         elif key is None:
             safe_set_full_fp32_param(p, value)
             p.data.copy_(value.view_as(p))
@@ -555,6 +556,12 @@ class DeepSpeedBackend(Backend):
                 if key != "step":
                     self._set_full(p, value.to(self.accelerator.device), key)
         steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
+        import sys as _s
+        zo = self.engine.optimizer
+        print("DBG", self.stage, len(zo.optimizer.state), [id(k) for k in zo.optimizer.state],
+              [id(t) for t in getattr(zo, "fp32_partitioned_groups_flat", [])],
+              [list(v) for v in zo.optimizer.state.values()], [len(g["params"]) for g in zo.optimizer.param_groups],
+              file=_s.stderr)
         for s in self.engine.optimizer.optimizer.state.values():
             if "step" in s and steps:
                 s["step"] = torch.full_like(s["step"], max(steps)) if torch.is_tensor(s["step"]) else int(max(steps))

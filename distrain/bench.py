@@ -56,11 +56,12 @@ class StepRunner:
         return time.perf_counter() - start
 
 
-def build_trainer(overrides: list[str], output_dir: str) -> Any:
+def build_trainer(overrides: list[str], output_dir: str, flops: bool = False) -> Any:
     from distrain.recipe import resolve_config
     from distrain.trainer import Trainer
 
-    cfg, recipe = resolve_config([*overrides, f"output_dir={output_dir}", "log.progress=false"])
+    extra = ["log.flops=true"] if flops else []
+    cfg, recipe = resolve_config([*overrides, f"output_dir={output_dir}", "log.progress=false", *extra])
     return Trainer(cfg, recipe)
 
 
@@ -69,9 +70,10 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
     from distrain.metrics import peak_memory_mb
+    from distrain.throughput import mfu
 
     with tempfile.TemporaryDirectory(prefix="distrain-bench-") as tmp:
-        trainer = build_trainer(overrides, tmp)
+        trainer = build_trainer(overrides, tmp, flops=True)
         runner = StepRunner(trainer)
         for _ in range(warmup):
             runner.step()
@@ -85,8 +87,13 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
             "step_ms": median * 1e3,
             "samples_per_s": trainer.plan.global_batch / median,
             "peak_mem_mb": peak_memory_mb(trainer.device),
-            "device": trainer.device.type,
+            "device": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
         }
+        if trainer.flops_per_sample:  # counted on the first step
+            result["tflops"] = trainer.flops_per_sample * result["samples_per_s"] / 1e12
+            util = mfu(trainer.flops_per_sample, result["samples_per_s"], 1, trainer.peak_flops)
+            if util is not None:
+                result["mfu"] = util
         trainer.accelerator.end_training()
     return result
 
@@ -159,7 +166,8 @@ def _run_one(setting: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 
 COLUMNS = [("batch_size", "batch"), ("precision", "precision"), ("global_batch", "global"), ("step_ms", "step ms"),
-           ("samples_per_s", "samples/s"), ("peak_mem_mb", "peak MiB"), ("device", "device")]  # fmt: skip
+           ("samples_per_s", "samples/s"), ("peak_mem_mb", "peak MiB"), ("tflops", "TFLOP/s"), ("mfu", "MFU"),
+           ("device", "device")]  # fmt: skip
 
 
 def _format(rows: list[dict[str, Any]], header: bool = True) -> str:
@@ -173,6 +181,9 @@ def _format(rows: list[dict[str, Any]], header: bool = True) -> str:
         cells = []
         for key, _ in COLUMNS:
             v = r.get(key, "")
-            cells.append(f"{v:>10.1f}" if isinstance(v, float) else f"{v!s:>10}")
+            if isinstance(v, float):
+                cells.append(f"{v:>10.1f}" if v >= 100 else f"{v:>10.4g}")
+            else:
+                cells.append(f"{v!s:>10}")
         lines.append("  ".join(cells))
     return "\n".join(lines)

@@ -178,13 +178,17 @@ def render_training(
     opts: SlurmOptions,
     array: list[list[str]] | None = None,
     launch_config: str | None = None,
+    recipe: str | None = None,
 ) -> str:
-    """The batch script that trains `overrides` (recipe=... key=value ...), one run per array task."""
+    """The batch script that trains `overrides` (recipe=... key=value ...), one run per array task.
+
+    `recipe` names the recipe when the overrides do not (it came from `config=<file>`).
+    """
     opts.check()
     array = array or []
     keys = {_key(a) for a in overrides}
     task_keys = [{_key(a) for a in args} for args in array]
-    recipe = next((a.split("=", 1)[1] for a in overrides if _key(a) == "recipe"), "")
+    recipe = next((a.split("=", 1)[1] for a in overrides if _key(a) == "recipe"), recipe or "")
     if not recipe:
         raise ConfigError("recipe is required, e.g. distrain slurm submit recipe=har --time 01:00:00")
     # Shell words for the launch line. The run dir must survive a requeue: it is named after
@@ -314,9 +318,8 @@ def submit_main(argv: list[str]) -> int:
         )
         array = [shlex.split(a) for a in args.array]
         # Bad overrides fail here, in a second, not after waiting in the queue.
-        for task in array or [[]]:
-            resolve_config([*args.overrides, *task])
-        script = render_training(args.overrides, opts, array, args.launch_config)
+        cfgs = [resolve_config([*args.overrides, *task])[0] for task in array or [[]]]
+        script = render_training(args.overrides, opts, array, args.launch_config, recipe=cfgs[0].recipe)
         if args.dry_run:
             sys.stdout.write(script)
             return 0

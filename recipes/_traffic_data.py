@@ -20,6 +20,14 @@ def load_sf_temps() -> tuple[np.ndarray, list[str]]:
     return df[["temp"]].to_numpy(np.float32), ["temp"]
 
 
+def load_seattle_weather() -> tuple[np.ndarray, list[str]]:
+    """vega_datasets' daily Seattle weather 2012-2015 (1,461 days): max/min temperature (C) and wind (m/s)."""
+    from vega_datasets import local_data
+
+    cols = ["temp_max", "temp_min", "wind"]
+    return local_data.seattle_weather().sort_values("date")[cols].to_numpy(np.float32), cols
+
+
 def load_h5(path: str | Path, key: str) -> tuple[np.ndarray, list[str]]:
     """METR-LA / PEMS-BAY `.h5`: a pandas HDFStore frame (fixed format) under `key`, read with h5py
     (group <key> with block0_values (T, N) and axis0 = sensor ids), or a plain (T, N) dataset."""
@@ -69,6 +77,8 @@ def load_csv(path: str | Path, columns: list[str], time_column: str | None) -> t
 def load_series(source: str, path: str | None, key: str, columns: list[str], time_column: str | None):
     if source == "sf_temps":
         values, names = load_sf_temps()
+    elif source == "seattle_weather":
+        values, names = load_seattle_weather()
     elif source == "hdf5":
         values, names = load_h5(path, key)  # type: ignore[arg-type]
     else:

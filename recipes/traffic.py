@@ -1,14 +1,16 @@
 """Sequence-to-sequence forecasting (traffic-style): `len_source` past steps -> `len_target` future steps.
 
-Default data: vega_datasets' hourly San Francisco temperatures of 2010 (8,759 steps, one series),
-split in time order (train, then val, then test) and standardised per series with training
-statistics. `data.source=hdf5 data.path=metr-la.h5` reads METR-LA / PEMS-BAY files (time x
-sensors), `data.source=csv` any CSV with a row per time step. Model: a GRU encoder-decoder that
-predicts each step as a change over the previous one (teacher forcing with probability
-`model.teacher_forcing` in training), or a small transformer encoder with learned queries for the
-future steps. With `model.seasonal_input` (default) the model also gets each future step's value
-one season back, the input the seasonal-naive baseline uses. Metrics per horizon step in the data's units, for the model and for two baselines
-on the same windows: naive (last observed value) and seasonal-naive (the value one season back).
+Default data: vega_datasets' daily Seattle weather 2012-2015 (1,461 days; max/min temperature and
+wind: three series), split in time order (train, then val, then test) and standardised per series
+with training statistics; `data.source=sf_temps` takes the hourly San Francisco temperatures
+(set data.season=24). `data.source=hdf5 data.path=metr-la.h5` reads METR-LA / PEMS-BAY files
+(time x sensors), `data.source=csv` any CSV with a row per time step. Model: a GRU
+encoder-decoder predicting each step as a change over the previous one (teacher forcing with
+probability `model.teacher_forcing` in training), or a transformer encoder with learned queries
+for the future steps. With `model.seasonal_input` (default) the model also gets each future
+step's value one season back, the input of the seasonal-naive baseline. Metrics per horizon
+step in the data's units, for the model and two baselines on the same windows: naive (last
+observed value) and seasonal-naive (the value one season back).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ FORECASTERS = ("", "naive_", "snaive_")  # metric prefixes: model, last value, s
 @dataclass
 class ModelConfig:
     arch: Literal["gru", "transformer"] = opt("gru", "encoder-decoder GRU or transformer encoder with queries")
-    hidden: int = opt(64, "GRU hidden size / transformer width")
+    hidden: int = opt(32, "GRU hidden size / transformer width")
     layers: int = opt(1, "GRU or transformer layers")
     heads: int = opt(4, "attention heads (transformer)")
     dropout: float = opt(0.0, "dropout between layers")
@@ -42,21 +44,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig(BaseDataConfig):
-    source: Literal["sf_temps", "hdf5", "csv"] = opt("sf_temps", "sf_temps: packaged default; hdf5: METR-LA style; csv")
+    source: Literal["seattle_weather", "sf_temps", "hdf5", "csv"] = opt(
+        "seattle_weather", "packaged: seattle_weather (daily) or sf_temps (hourly); hdf5: METR-LA style; csv"
+    )
     path: str | None = opt(None, "HDF5 or CSV file (source=hdf5|csv)", must_exist=True)
     h5_key: str = opt("df", "HDF5 key of the (time x sensor) table; METR-LA/PEMS-BAY use df and speed")
     columns: list[str] = opt([], "CSV columns to forecast; empty means every numeric column")
     time_column: str | None = opt(None, "CSV column to sort by and drop (e.g. a timestamp)")
     len_source: int = opt(10, "past steps the model sees")
     len_target: int = opt(5, "future steps it predicts")
-    season: int = opt(24, "steps per season for the seasonal-naive baseline (24 for hourly data, 288 for 5-min)")
+    season: int = opt(365, "steps per season of the seasonal-naive baseline (365 daily, 24 hourly, 288 5-min)")
     val_fraction: float = opt(0.1, "fraction of the series (in time order) for validation")
     test_fraction: float = opt(0.2, "last fraction of the series for the test split")
 
 
 def validate(cfg) -> None:
     d = cfg.data
-    if d.source != "sf_temps" and not d.path:
+    if d.source in ("hdf5", "csv") and not d.path:
         raise ConfigError(f"data.source={d.source} needs data.path=<file>")
     if d.len_source < 1 or d.len_target < 1 or d.season < 1:
         raise ConfigError("data.len_source, data.len_target and data.season must be integers >= 1")
@@ -148,7 +152,7 @@ class TransformerForecaster(nn.Module):
 
 
 def build_model(cfg) -> nn.Module:
-    w, _, _, names = _windows(cfg)
+    _, _, _, names = _windows(cfg)
     d, m = cfg.data, cfg.model
     if m.arch == "transformer":
         return TransformerForecaster(len(names), d.len_source, d.len_target, m)

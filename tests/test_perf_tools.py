@@ -113,3 +113,16 @@ def test_bench_bad_option_is_one_line_exit_2():
                           capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--batch-sizes" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_run_logs_mfu_and_auto_batch(tmp_path):
+    run_dir = tmp_path / "gpu"
+    args = ["train.max_steps=4", "log.every=2", "data.batch_size=auto", f"output_dir={run_dir}"]
+    proc = run_distrain([*TINY_HAR, *args])
+    assert "auto batch" in proc.stderr + proc.stdout
+    rows = [r for r in metrics_rows(run_dir) if "samples_per_s" in r]
+    assert rows and all(r["flops_per_sample"] > 0 and r["tflops"] > 0 for r in rows)
+    name = torch.cuda.get_device_name()
+    if peak_flops(torch.device("cuda"), "no") is not None:
+        assert all(0 < r["mfu"] < 1 for r in rows), name

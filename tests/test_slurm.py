@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -95,8 +96,10 @@ def assert_same_run(run_dir: Path, ref: Path) -> None:
             assert s["test"][key] == pytest.approx(value, abs=1e-6), key
 
 
-def assert_resumed(run_dir: Path) -> None:
-    """Every training step logged exactly once: the requeued job continued, it did not start over."""
+def assert_resumed(run_dir: Path, log: str, signalled_at: int) -> None:
+    """The requeued job continued from a checkpoint taken after the signal; no step ran twice."""
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert len(resumed) == 1 and signalled_at <= resumed[0] < STEPS, resumed
     steps = [r["step"] for r in metrics_rows(run_dir) if "loss" in r]
     assert steps == list(range(1, STEPS + 1)), f"steps repeated or lost: {steps}"
 
@@ -140,7 +143,8 @@ def test_dry_run_two_nodes_eight_gpus(tmp_path):
     assert accelerate in script
     script = script.replace(accelerate, str(bin_dir / "accelerate"))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "64"}  # fmt: skip
+           "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "64",
+           "WANDB_API_KEY": "sekret-value"}  # fmt: skip
     env.pop("SLURM_ARRAY_JOB_ID", None)
     run = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -157,6 +161,15 @@ def test_dry_run_two_nodes_eight_gpus(tmp_path):
         assert "optim.lr=3e-4" in words and "resume=auto" in words
         assert f"output_dir={tmp_path.resolve()}/runs/har/slurm-4242" in words
     assert "SLURM_RESTART_COUNT=0" in run.stdout and "--- pip freeze" in run.stdout
+    assert "WANDB_API_KEY=***" in run.stdout and "sekret-value" not in run.stdout  # printenv masks secrets
+
+
+def test_gpu_template_one_node(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = render_training(["recipe=har"], SlurmOptions(gpus_per_node=4, time="2-00:00:00"))
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --nodes=1" in script
+    assert "#SBATCH --cpus-per-task=32" in script and "#SBATCH --time=2-00:00:00" in script
+    assert "--num_machines 1 --num_processes 4" in script and "--machine_rank" not in script
 
 
 @pytest.mark.parametrize(
@@ -218,14 +231,13 @@ def test_cpu_job_matches_direct_run(cluster, reference, tmp_path):
 def test_usr1_drill_requeues_and_resumes(cluster, reference, tmp_path):
     job = submit(cluster, [*TINY, "--time", "10"], tmp_path)
     run_dir = tmp_path / "runs" / "har" / f"slurm-{job}"
-    seen = wait_for_step(run_dir, 10)
+    seen = wait_for_step(run_dir, 3)
     cluster.cmd(["scancel", "--signal=USR1", "--batch", job])
     info = wait_done(cluster, job)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "got SIGUSR1" in log and f"requeueing {job}" in log and "SLURM_RESTART_COUNT=1" in log
-    assert seen < STEPS
-    assert_resumed(run_dir)
+    assert_resumed(run_dir, log, seen)
     assert_same_run(run_dir, reference)
     assert json.loads((run_dir / "summary.json").read_text())["slurm"]["restart_count"] == 1
 
@@ -235,7 +247,7 @@ def test_usr1_drill_requeues_and_resumes(cluster, reference, tmp_path):
 def test_partition_preemption_requeues_and_resumes(cluster, reference, tmp_path):
     job = submit(cluster, [*TINY, "--time", "10", "--partition", "debug"], tmp_path)
     run_dir = tmp_path / "runs" / "har" / f"slurm-{job}"
-    seen = wait_for_step(run_dir, 10)
+    seen = wait_for_step(run_dir, 3)
     # A job in the higher-priority partition that needs every CPU of the node preempts ours.
     high = cluster.cmd(["sbatch", "--parsable", "-p", "high", "-c", str(cluster.cpus), "-o", "/dev/null",
                         "--wrap", "sleep 1"]).strip()  # fmt: skip
@@ -245,8 +257,7 @@ def test_partition_preemption_requeues_and_resumes(cluster, reference, tmp_path)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
     # Preemption here sends only TERM, and only to the job steps: the nodes report 143 and the job requeues.
     assert "training exited with code 143" in log and "SLURM_RESTART_COUNT=1" in log
-    assert seen < STEPS
-    assert_resumed(run_dir)
+    assert_resumed(run_dir, log, seen)
     assert_same_run(run_dir, reference)
 
 
