@@ -4,7 +4,9 @@ Same har model (same init), same batches in the same order, same AdamW with the 
 groups, cosine schedule and clipping, fp32, one process, CPU. Runs are interleaved (A B C D, A B C D,
 ...) so machine noise hits every framework alike; the figure is the median time of blocks of
 BLOCK steps (step end to step end, the first block of every run dropped as warm-up), and the
-ratio of each framework's median to the hand loop's, measured in the same run.
+ratio of each framework's median to the hand loop's, measured in the same run. Both wall time
+and process CPU time are reported: on a shared machine other processes inflate wall time at
+random, while CPU time (one torch thread, no loader workers) counts only this process's work.
 
     python benchmarks/overhead.py [--reps 3] [--steps 60] [--batch 32]
 """
@@ -12,6 +14,7 @@ ratio of each framework's median to the hand loop's, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -69,11 +72,16 @@ def loader(train: ArrayDataset, batches: list[list[int]]) -> torch.utils.data.Da
     return torch.utils.data.DataLoader(train, batch_sampler=batches, collate_fn=lambda b: b)
 
 
-def blocks(ends: list[float], start: float) -> list[float]:
-    """Durations of consecutive BLOCK-step blocks from step-end timestamps, the first block dropped."""
-    stamps = [start, *ends]
-    out = [stamps[i + BLOCK] - stamps[i] for i in range(0, len(ends) - BLOCK + 1, BLOCK)]
-    return out[1:]
+def now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def blocks(ends: list[tuple[float, float]], start: tuple[float, float], every: int = 1) -> list[tuple[float, float]]:
+    """(wall, cpu) durations of consecutive BLOCK-step blocks, from stamps taken every `every` steps;
+    the first block is dropped as warm-up."""
+    k = BLOCK // every
+    stamps = [start, *ends[k - 1 :: k]]
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(stamps)][1:]
 
 
 def run_hand(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
@@ -81,7 +89,7 @@ def run_hand(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
     opt, sched = make_optimizer(model, cfg, len(batches))
     model.train()
     ends, losses = [], []
-    start = time.perf_counter()
+    start = now()
     for batch in loader(train, batches):
         loss = F.cross_entropy(model(batch["x"]), batch["y"])
         loss.backward()
@@ -90,7 +98,7 @@ def run_hand(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
         opt.zero_grad(set_to_none=True)
         sched.step()
         losses.append(loss.item())
-        ends.append(time.perf_counter())
+        ends.append(now())
     return blocks(ends, start), window_means(losses)
 
 
@@ -98,18 +106,26 @@ def window_means(losses: list[float]) -> list[float]:
     return [float(np.mean(losses[i : i + BLOCK])) for i in range(0, len(losses), BLOCK)]
 
 
-def run_distrain(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
+def run_distrain(cfg, recipe, train, batches) -> tuple[list[tuple[float, float]], list[float]]:
     from distrain.trainer import Trainer
+
+    ends: list[tuple[float, float]] = []
+
+    class Stamped(Trainer):
+        def _log_train(self, *args, **kwargs):  # called right after every BLOCK-th step (log.every)
+            super()._log_train(*args, **kwargs)
+            ends.append(now())
 
     with tempfile.TemporaryDirectory() as tmp:
         args = ["recipe=har", f"data.batch_size={len(batches[0])}", f"train.max_steps={len(batches)}",
                 f"log.every={BLOCK}", "log.progress=false", f"output_dir={tmp}", "ckpt.save_best=false"]  # fmt: skip
         cfg_d, recipe_d = resolve_config(args)
-        Trainer(cfg_d, recipe_d).train()
+        trainer = Stamped(cfg_d, recipe_d)
+        start = now()
+        trainer.train()
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "step_time" in r]
-    # A row's step_time is the window's wall time (log row to log row) over its steps.
-    return [r["step_time"] * BLOCK for r in train_rows][1:], [r["loss"] for r in train_rows]
+    losses = [r["loss"] for r in rows if "step_time" in r]
+    return blocks(ends, start, every=BLOCK), losses
 
 
 def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str:
@@ -128,11 +144,11 @@ def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str
             logits = self.model(x)
             return {"loss": F.cross_entropy(logits, y), "logits": logits}
 
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, *args, **kwargs):
-            ends.append(time.perf_counter())
+            ends.append(now())
 
     model = Wrapped(make_model(cfg, recipe))
     opt, sched = make_optimizer(model.model, cfg, len(batches))
@@ -148,7 +164,7 @@ def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str
                 return loader(train, batches)
 
         trainer = SameBatches(model=model, args=args, train_dataset=train, optimizers=(opt, sched), callbacks=[Stamp()])
-        start = time.perf_counter()
+        start = now()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return blocks(ends, start), losses
@@ -159,7 +175,7 @@ def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]
         import lightning as L
     except ImportError as e:
         return f"not installed ({e})"
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
     losses: list[float] = []
 
     class Module(L.LightningModule):
@@ -172,7 +188,7 @@ def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]
 
         def on_train_batch_end(self, outputs, *args):
             losses.append(float(outputs["loss"]))
-            ends.append(time.perf_counter())
+            ends.append(now())
 
         def configure_optimizers(self):
             opt, sched = make_optimizer(self.model, cfg, len(batches))
@@ -185,7 +201,7 @@ def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]
         num_sanity_val_steps=0, default_root_dir=tempfile.gettempdir(),
     )  # fmt: skip
     torch.manual_seed(SEED + 7919)
-    start = time.perf_counter()
+    start = now()
     trainer.fit(module, loader(train, batches))
     return blocks(ends, start), window_means(losses)
 
@@ -202,7 +218,7 @@ def main() -> int:
     cfg, recipe, train, batches = setup(args.batch, args.steps)
     runners = {"hand": run_hand, "distrain": run_distrain, "hf": run_hf, "lightning": run_lightning}
     names = [n for n in args.only.split(",") if n in runners]
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     losses: dict[str, list[float]] = {}
     skipped: dict[str, str] = {}
     for rep in range(args.reps):
@@ -215,18 +231,22 @@ def main() -> int:
                 continue
             times[name].extend(result[0])
             losses[name] = result[1]
-    hand = statistics.median(times["hand"])
     print(f"har, batch {args.batch}, {args.steps} steps x {args.reps} interleaved reps, fp32, 1 process, "
-          f"{torch.get_num_threads()} CPU threads; blocks of {BLOCK} steps")  # fmt: skip
-    print(f"{'framework':<10} {'median ms/step':>15} {'ratio vs hand':>14} {'blocks':>7} {'max |dloss| vs hand':>20}")
+          f"{torch.get_num_threads()} CPU thread(s); blocks of {BLOCK} steps, medians")  # fmt: skip
+    print(f"{'framework':<10} {'wall ms/step':>13} {'wall ratio':>11} {'CPU ms/step':>12} {'CPU ratio':>10} "
+          f"{'blocks':>7} {'max |dloss|':>12}")  # fmt: skip
+    hand_wall = statistics.median(b[0] for b in times["hand"])
+    hand_cpu = statistics.median(b[1] for b in times["hand"])
     for name in names:
         if name in skipped:
             print(f"{name:<10} skipped: {skipped[name]}")
             continue
-        med = statistics.median(times[name])
+        wall = statistics.median(b[0] for b in times[name])
+        cpu = statistics.median(b[1] for b in times[name])
         n = min(len(losses[name]), len(losses["hand"]))
         dloss = max(abs(a - b) for a, b in zip(losses[name][:n], losses["hand"][:n], strict=True))
-        print(f"{name:<10} {med / BLOCK * 1e3:>15.3f} {med / hand:>14.3f} {len(times[name]):>7} {dloss:>20.2e}")
+        print(f"{name:<10} {wall / BLOCK * 1e3:>13.2f} {wall / hand_wall:>11.3f} {cpu / BLOCK * 1e3:>12.2f} "
+              f"{cpu / hand_cpu:>10.3f} {len(times[name]):>7} {dloss:>12.1e}")  # fmt: skip
     return 0
 
 

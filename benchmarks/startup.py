@@ -3,7 +3,9 @@
 The baseline is `python -c "import torch, accelerate"`. The distrain command is
 `python distrain/run.py recipe=har train.max_steps=1 log.every=1 ...`; the first optimizer step
 has happened when its metrics.jsonl row appears (polled every 5 ms from here, no hooks inside).
-Runs are interleaved; medians are reported. A second pass with `python -X importtime` lists
+The run is killed there, so the CPU time it used (user + sys, from wait4) is exact too: on a shared
+machine wall time swings with other load, CPU time much less. Runs are interleaved; medians are
+reported. A second pass with `python -X importtime` lists
 which of the optional heavy packages were imported before training started.
 
     python benchmarks/startup.py [--reps 5]
@@ -27,27 +29,30 @@ RUN = [sys.executable, str(REPO / "distrain" / "run.py"), "recipe=har", "train.m
        "log.progress=false"]  # fmt: skip
 
 
-def bare_import() -> float:
+def bare_import() -> tuple[float, float]:
+    """(wall, CPU) seconds of `python -c "import torch, accelerate"`."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, accelerate"], check=True)
-    return time.perf_counter() - start
+    proc = subprocess.Popen([sys.executable, "-c", "import torch, accelerate"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
 
-def first_step(out_dir: Path) -> float:
-    """Seconds from spawning the run to its first metrics row (written right after optimizer step 1)."""
+def first_step(out_dir: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds from spawning the run to its first metrics row (written right after optimizer
+    step 1); the run is killed there."""
     metrics = out_dir / "metrics.jsonl"
     start = time.perf_counter()
     cmd = [*RUN, f"output_dir={out_dir}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while True:
-        if metrics.exists() and metrics.stat().st_size > 0:
-            elapsed = time.perf_counter() - start
-            break
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (metrics.exists() and metrics.stat().st_size > 0):
         if proc.poll() is not None:
-            raise RuntimeError(f"run exited {proc.returncode} before its first step:\n{proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"run exited {proc.returncode} before its first step: {' '.join(cmd)}")
         time.sleep(0.005)
-    proc.communicate()
-    return elapsed
+    elapsed = time.perf_counter() - start
+    proc.kill()
+    _, _, usage = os.wait4(proc.pid, 0)
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 def heavy_imports_before_training(out_dir: Path) -> list[str]:
@@ -76,13 +81,16 @@ def main() -> int:
             bare.append(bare_import())
             first.append(first_step(Path(tmp) / f"run{rep}"))
         heavy = heavy_imports_before_training(Path(tmp) / "importtime")
-    b, f = statistics.median(bare), statistics.median(first)
-    print(f"{args.reps} interleaved repetitions, medians (all runs: bare {[round(x, 2) for x in bare]}, "
-          f"distrain {[round(x, 2) for x in first]})")  # fmt: skip
-    bare_cmd = 'python -c "import torch, accelerate"'
-    print(f"{bare_cmd:<48} {b:6.2f} s")
-    print(f"{'distrain run recipe=har -> first optimizer step':<48} {f:6.2f} s")
-    print(f"{'ratio (target <= 2.0)':<48} {f / b:6.2f}")
+    print(f"{args.reps} interleaved repetitions, medians; wall: bare {[round(x[0], 2) for x in bare]}, "
+          f"distrain {[round(x[0], 2) for x in first]}")  # fmt: skip
+    print(f"{'':<48} {'wall s':>7} {'CPU s':>7}")
+    rows = (('python -c "import torch, accelerate"', bare), ("distrain run recipe=har -> first step", first))
+    for label, runs in rows:
+        wall_s, cpu_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"{label:<48} {wall_s:>7.2f} {cpu_s:>7.2f}")
+    wall = statistics.median(r[0] for r in first) / statistics.median(r[0] for r in bare)
+    cpu = statistics.median(r[1] for r in first) / statistics.median(r[1] for r in bare)
+    print(f"{'ratio (target <= 2.0)':<48} {wall:>7.2f} {cpu:>7.2f}")
     print(f"optional heavy packages imported before training: {', '.join(heavy) or 'none'}")
     return 0
 

@@ -463,13 +463,19 @@ class DeepSpeedBackend(Backend):
         return self.full_state_dict(model)  # fp32 copies; ZeRO partitions have no public per-rank view
 
     def load_local_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from deepspeed.runtime.zero import GatheredParameters
         from deepspeed.utils import safe_set_full_fp32_param
 
         for name, t in self.unwrap(model).state_dict(keep_vars=True).items():
-            if isinstance(t, torch.nn.Parameter):
-                safe_set_full_fp32_param(t, state[name].to(self.accelerator.device))
-            else:
-                t.data.copy_(state[name])
+            value = state[name].to(self.accelerator.device)
+            if not isinstance(t, torch.nn.Parameter):
+                t.data.copy_(value)
+                continue
+            safe_set_full_fp32_param(t, value)  # the fp32 master copy the optimizer steps
+            # and the weights the forward uses, which DeepSpeed keeps apart (partitioned under ZeRO-3)
+            gather = GatheredParameters([t], modifier_rank=0) if self.stage == 3 else contextlib.nullcontext()
+            with gather, torch.no_grad():
+                t.data.copy_(value.to(t.dtype))
 
     # -- checkpoints: full fp32 weights and Adam moments gathered from the ZeRO partitions, in the
     # same layout DCP gives for a plain model, so ZeRO checkpoints load under any backend and back.
@@ -485,7 +491,17 @@ class DeepSpeedBackend(Backend):
         """The torch optimizer stepping the fp32 partitions, with its state created and linked to the
         parameters (ZeRO-1/2 link lazily and can miss state that torch creates at the first step)."""
         base = self.engine.optimizer.optimizer
-        if not base.state:  # not stepped yet: create the state with a zero-lr, zero-grad step (as DCP does)
+        zero = self.engine.optimizer
+        if self.stage == 3:  # groups hold their fp32 partition only while ZeRO-3 steps; same zero step per group
+            for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+                if base.state.get(flat):
+                    continue
+                group = base.param_groups[zero.sub_group_to_group_id[i]]
+                params, lr = group["params"], group["lr"]
+                group["params"], group["lr"], flat.grad = [flat], 0.0, torch.zeros_like(flat)
+                base.step()
+                group["params"], group["lr"], flat.grad = params, lr, None
+        elif not base.state:  # not stepped yet: create the state with a zero-lr, zero-grad step (as DCP does)
             lrs = [g["lr"] for g in base.param_groups]
             for g in base.param_groups:
                 g["lr"] = 0.0
@@ -556,12 +572,6 @@ class DeepSpeedBackend(Backend):
                 if key != "step":
                     self._set_full(p, value.to(self.accelerator.device), key)
         steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
-        import sys as _s
-        zo = self.engine.optimizer
-        print("DBG", self.stage, len(zo.optimizer.state), [id(k) for k in zo.optimizer.state],
-              [id(t) for t in getattr(zo, "fp32_partitioned_groups_flat", [])],
-              [list(v) for v in zo.optimizer.state.values()], [len(g["params"]) for g in zo.optimizer.param_groups],
-              file=_s.stderr)
         for s in self.engine.optimizer.optimizer.state.values():
             if "step" in s and steps:
                 s["step"] = torch.full_like(s["step"], max(steps)) if torch.is_tensor(s["step"]) else int(max(steps))

@@ -564,8 +564,10 @@ def load_states(
             targets, _ = flatten_optim(optim_state)
             saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
             missing = sorted(set(targets) - set(saved))
-            if missing:
-                raise CheckpointError(f"checkpoint {path} lacks optimizer state {missing[0]} (another optimizer?)")
+            extra = sorted(set(saved) - set(targets))
+            if missing or extra:
+                what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
+                raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
             tensors = {k: _fill(reader, saved[k], t) for k, t in targets.items()}
             optim_out = unflatten_optim(tensors, index["optim"], optim_state)
     finally:

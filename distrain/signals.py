@@ -10,7 +10,8 @@ import signal
 from types import FrameType
 
 # Exit codes, documented in the README: 130 after SIGINT (shell convention), 143 after SIGTERM,
-# 138 after SIGUSR1 (128 + signal number) -- a state was saved and the run can resume.
+# 138 after SIGUSR1 (128 + signal number) -- all ranks saved a checkpoint at the step boundary
+# (distrain.checkpoint) and `resume=auto` with the same output_dir continues exactly.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
 
 

@@ -101,11 +101,10 @@ class ImageSet(Dataset):
 
     def __init__(self, labels: torch.Tensor, images: torch.Tensor | None = None, paths: list[Path] | None = None,
                  size: int = 32, channels: int = 3, aug: dict | None = None, seed: int = 0,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):  # fmt: skip
+                 mean: torch.Tensor = torch.zeros(1), std: torch.Tensor = torch.ones(1)):  # fmt: skip
         self.labels, self.images, self.paths = labels, images, paths
         self.size, self.channels, self.aug, self.seed = size, channels, aug, seed
-        self.mean = mean if mean is not None else torch.full((channels,), 127.5)
-        self.std = std if std is not None else torch.full((channels,), 64.0)
+        self.mean, self.std = mean, std
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -90,10 +90,10 @@ def build_datasets(cfg) -> Splits:
     parts, _, channels = _images(cfg)
     d = cfg.data
     aug = {"crop_pad": d.crop_pad, "hflip": d.hflip, "rotation": d.rotation, "jitter": d.jitter}
-    train_images = parts["train"][0]
-    mean = std = None
-    if train_images is not None:  # per-channel statistics of the training images
-        mean, std = train_images.float().mean((0, 2, 3)), train_images.float().std((0, 2, 3)) + 1e-3
+    train_images, paths = parts["train"][0], parts["train"][1]
+    if train_images is None:  # decoded per batch: channel statistics from the first 256 training images
+        train_images = torch.stack([torch.from_numpy(read_image(p, d.image_size, channels)) for p in paths[:256]])
+    mean, std = train_images.float().mean((0, 2, 3)), train_images.float().std((0, 2, 3)) + 1e-3
     sets = {
         k: ImageSet(y, x, paths, d.image_size, channels, aug if k == "train" else None, cfg.train.seed, mean, std)
         for k, (x, paths, y) in parts.items()

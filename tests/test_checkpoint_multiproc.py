@@ -7,15 +7,19 @@ Real 2-process runs through the shipped launch configs; independent launches run
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_HAR, metrics_rows, run_distrain, weights
 
 from distrain import checkpoint as ck
 from distrain.export import export, load_weights_dir
+
+from helpers import BIN, REPO, TINY_HAR, free_port, metrics_rows, run_distrain, weights
 
 pytestmark = pytest.mark.multiproc
 
@@ -128,3 +132,14 @@ def test_deepspeed_checkpoints_resume_across_zero_stages_and_backends(runs):
     assert_close(z3, root / "z3_to_ddp", 21, 30)
     out = export(z3, root / "z3_export")  # ZeRO-3 partitions consolidated
     assert_same_weights(load_weights_dir(out), weights(z3))
+
+
+def test_fsdp_save_then_load_in_the_same_processes(tmp_path):
+    """accelerate issue 3896: loading right after saving, in the same FSDP2 processes."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch_configs" / "cpu_fsdp.yaml"),
+           "--main_process_port", str(free_port()), str(REPO / "tests" / "ckpt_roundtrip_script.py"),
+           *TINY_HAR, f"output_dir={tmp_path / 'rt'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(re.findall(r"ROUNDTRIP rank \d \w+", proc.stdout))  # ranks' lines may interleave
+    assert results == ["ROUNDTRIP rank 0 ok", "ROUNDTRIP rank 1 ok"], proc.stdout[-2000:]

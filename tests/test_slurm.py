@@ -62,9 +62,8 @@ def submit(cluster: LocalSlurm, args: list[str], cwd: Path) -> str:
 
 
 def wait_done(cluster: LocalSlurm, job: str, timeout: float = 240) -> dict[str, str]:
-    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-                              timeout)  # fmt: skip
-    return info
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    return cluster.wait_state(job, ended, timeout)
 
 
 def log_of(cwd: Path, job: str) -> str:
