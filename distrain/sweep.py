@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ def parse_param(key: str, text: str) -> Param:
     """`loguniform(1e-4,1e-2)` and friends -> Param; anything malformed is a one-line ConfigError."""
     m = _CALL.match(text)
     if not m or m.group(1) not in DISTRIBUTIONS:
-        raise ConfigError(f"{key}={text!r} is not a search space; use one of "
-                          "loguniform(a,b), uniform(a,b), int(a,b), logint(a,b), choice(v1,v2,...)")  # fmt: skip
+        raise ConfigError(
+            f"{key}={text!r} is not a search space; use one of "
+            "loguniform(a,b), uniform(a,b), int(a,b), logint(a,b), choice(v1,v2,...)"
+        )
     kind, body = m.group(1), m.group(2)
     args = [parse_value(a.strip()) for a in body.split(",")] if body.strip() else []
     if any(a == "" for a in args):
@@ -191,8 +194,10 @@ def open_study(sweep_dir: Path, direction: str, seed: int, worker: bool) -> Any:
     storage = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     study = optuna.create_study(storage=storage, study_name="sweep", direction=direction, load_if_exists=True)
     n_before = len(study.trials)
-    # Reseed per start so a resumed sweep does not replay the first run's random proposals.
-    sampler = optuna.samplers.TPESampler(seed=seed + n_before, n_startup_trials=5)
+    # Reseed per start and per array task, so neither a resumed sweep nor two workers starting
+    # together replay the same random proposals.
+    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    sampler = optuna.samplers.TPESampler(seed=seed + n_before + 7919 * task, n_startup_trials=5)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     study = optuna.load_study(storage=storage, study_name="sweep", sampler=sampler, pruner=pruner)
     if not worker:  # alone on this study: a RUNNING trial was left by a crash; run its params again
@@ -229,7 +234,10 @@ def optimize(sweep_dir: Path, spec: dict[str, Any], worker: bool = False) -> int
             return e.exit_code
         except Exception as e:  # a diverging trial fails alone; the study goes on
             study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            print(
+                f"trial {trial.number} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                flush=True,
+            )
             if isinstance(e, ConfigError) or len(study.get_trials(states=(TrialState.FAIL,))) > spec["trials"]:
                 raise
             continue
@@ -258,7 +266,12 @@ def write_best(study: Any, sweep_dir: Path, spec: dict[str, Any]) -> int:
 def _take_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """--worker, --slurm-array N and the Slurm options passed on to the array."""
     flags: dict[str, Any] = {"worker": False, "slurm_array": 0, "slurm": {}}
-    names = {"--time": "time", "--partition": "partition", "--max-parallel": "max_parallel", "--cpus-per-task": "cpus_per_task"}
+    names = {
+        "--time": "time",
+        "--partition": "partition",
+        "--max-parallel": "max_parallel",
+        "--cpus-per-task": "cpus_per_task",
+    }
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -279,7 +292,9 @@ def _take_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             else:
                 flags["slurm"][names[name]] = value
         elif arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg!r}; options: --slurm-array N, --time, --partition, --max-parallel, --worker")
+            raise ConfigError(
+                f"unknown option {arg!r}; options: --slurm-array N, --time, --partition, --max-parallel, --worker"
+            )
         else:
             rest.append(arg)
         i += 1
@@ -299,20 +314,30 @@ def main(argv: list[str]) -> int:
             spec = yaml.safe_load(spec_path.read_text())
             given = {"fixed": fixed, "space": [vars(p) for p in space]}
             if (fixed or space) and given != {k: spec[k] for k in given}:
-                raise ConfigError(f"sweep_dir={sweep_dir} holds a sweep with other arguments; "
-                                  "give the same ones (or none) to resume, or a new sweep_dir")  # fmt: skip
+                raise ConfigError(
+                    f"sweep_dir={sweep_dir} holds a sweep with other arguments; "
+                    "give the same ones (or none) to resume, or a new sweep_dir"
+                )
             spec["trials"] = settings["trials"] if any(a.startswith("trials=") for a in argv) else spec["trials"]
         else:
             if flags["worker"]:
                 raise ConfigError(f"--worker needs sweep_dir= of an existing sweep (no {spec_path})")
             if not space:
-                raise ConfigError("no search space given; e.g. 'optim.lr=loguniform(1e-4,1e-2)' 'model.hidden=choice(64,128)'")
+                raise ConfigError(
+                    "no search space given; e.g. 'optim.lr=loguniform(1e-4,1e-2)' 'model.hidden=choice(64,128)'"
+                )
             cfg = check_space(fixed, space)
             if sweep_dir is None:
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
                 sweep_dir = Path("runs") / "sweeps" / Path(cfg.recipe).stem / stamp
-            spec = {"fixed": fixed, "space": [vars(p) for p in space], "trials": settings["trials"], "seed": settings["seed"],
-                    "metric": cfg.train.metric, "direction": "minimize" if cfg.train.mode == "min" else "maximize"}  # fmt: skip
+            spec = {
+                "fixed": fixed,
+                "space": [vars(p) for p in space],
+                "trials": settings["trials"],
+                "seed": settings["seed"],
+                "metric": cfg.train.metric,
+                "direction": "minimize" if cfg.train.mode == "min" else "maximize",
+            }
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         if flags["slurm_array"]:
@@ -321,8 +346,10 @@ def main(argv: list[str]) -> int:
             open_study(sweep_dir, spec["direction"], spec["seed"], worker=False)  # create the DB before workers race
             command = [sys.executable, "-m", "distrain.cli", "sweep", "--worker", f"sweep_dir={sweep_dir.resolve()}"]
             job = submit_array(command, flags["slurm_array"], **flags["slurm"])
-            print(f"submitted Slurm array job {job}: {flags['slurm_array']} workers on {sweep_dir / 'study.db'}; "
-                  f"then `distrain sweep sweep_dir={sweep_dir}` prints the best trial")  # fmt: skip
+            print(
+                f"submitted Slurm array job {job}: {flags['slurm_array']} workers on {sweep_dir / 'study.db'}; "
+                f"then `distrain sweep sweep_dir={sweep_dir}` prints the best trial"
+            )
             return 0
         print(f"sweep {sweep_dir}: {spec['trials']} trials, {spec['direction']} {spec['metric']}", flush=True)
         return optimize(sweep_dir, spec, worker=flags["worker"])

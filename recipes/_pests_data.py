@@ -23,7 +23,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def load_digits_images(size: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
-    """scikit-learn's 1,797 8x8 digit scans (values 0-16), resized to size x size, split 70/15/15 by a fixed permutation."""
+    """scikit-learn's 1,797 8x8 digit scans (values 0-16), resized to size x size, split 70/15/15
+    by a fixed permutation."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -99,9 +100,18 @@ class ImageSet(Dataset):
     """uint8 images held in memory (`images`) or decoded per batch from `paths`; batches come out as
     normalised float tensors, augmented when `augment` is set."""
 
-    def __init__(self, labels: torch.Tensor, images: torch.Tensor | None = None, paths: list[Path] | None = None,
-                 size: int = 32, channels: int = 3, aug: dict | None = None, seed: int = 0,
-                 mean: torch.Tensor = torch.zeros(1), std: torch.Tensor = torch.ones(1)):  # fmt: skip
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        images: torch.Tensor | None = None,
+        paths: list[Path] | None = None,
+        size: int = 32,
+        channels: int = 3,
+        aug: dict | None = None,
+        seed: int = 0,
+        mean: torch.Tensor = torch.zeros(1),
+        std: torch.Tensor = torch.ones(1),
+    ):
         self.labels, self.images, self.paths = labels, images, paths
         self.size, self.channels, self.aug, self.seed = size, channels, aug, seed
         self.mean, self.std = mean, std
@@ -117,7 +127,9 @@ class ImageSet(Dataset):
         if self.images is not None:
             x = self.images[idx].float()
         else:
-            x = torch.from_numpy(np.stack([read_image(self.paths[i], self.size, self.channels) for i in idx.tolist()])).float()
+            x = torch.from_numpy(
+                np.stack([read_image(self.paths[i], self.size, self.channels) for i in idx.tolist()])
+            ).float()
         if self.aug:
             x = augment(x, idx.tolist(), getattr(indices, "epoch", 0), self.seed, self.aug)
         x = (x - self.mean[:, None, None]) / self.std[:, None, None]
@@ -141,14 +153,16 @@ def uniform(seed: int, epoch: int, indices: np.ndarray, n: int) -> np.ndarray:
 
 
 def augment(x: torch.Tensor, indices: list[int], epoch: int, seed: int, aug: dict) -> torch.Tensor:
-    """Random crop (as a shift of up to `crop_pad` pixels), flip, rotation and colour jitter on (B, C, H, W) in 0..255."""
-    b, c, h, w = x.shape
+    """Random crop (a shift of up to `crop_pad` pixels), flip, rotation, colour jitter on (B, C, H, W) in 0..255."""
+    _b, c, h, w = x.shape
     draws = uniform(seed, epoch, np.asarray(indices), 7)
     angle = torch.from_numpy((2 * draws[:, 0] - 1) * math.radians(aug["rotation"])).float()
     flip = torch.from_numpy(np.where((draws[:, 1] < 0.5) & aug["hflip"], -1.0, 1.0)).float()
     shift = torch.from_numpy((2 * draws[:, 2:4] - 1) * 2 * aug["crop_pad"] / np.array([w, h])).float()
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if c == 3 and aug["jitter"] > 0:  # brightness, contrast, saturation factors in [1 - j, 1 + j]

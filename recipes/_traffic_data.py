@@ -47,8 +47,10 @@ def load_h5(path: str | Path, key: str) -> tuple[np.ndarray, list[str]]:
             values = np.asarray(node["block0_values"], dtype=np.float32)
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in node["axis0"][:]]
         else:
-            raise ConfigError(f"data.h5_key={key!r} in {path} is neither a (time, sensor) dataset nor a "
-                              "single-dtype pandas frame (block0_values); re-save it with df.to_hdf(format='fixed')")
+            raise ConfigError(
+                f"data.h5_key={key!r} in {path} is neither a (time, sensor) dataset nor a "
+                "single-dtype pandas frame (block0_values); re-save it with df.to_hdf(format='fixed')"
+            )
     values = values.reshape(len(values), -1)
     return values, names if len(names) == values.shape[1] else [f"s{i}" for i in range(values.shape[1])]
 

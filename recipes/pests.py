@@ -36,13 +36,17 @@ class ModelConfig:
     blocks: list[int] = opt([1, 1, 1], "residual blocks per stage; stages after the first halve the resolution")
     dropout: float = opt(0.0, "dropout before the classifier")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
-    pretrained: str | None = opt(None, "safetensors weights to start from (e.g. a previous run's model.safetensors)", must_exist=True)
+    pretrained: str | None = opt(
+        None, "safetensors weights to start from (e.g. a previous run's model.safetensors)", must_exist=True
+    )
     freeze_backbone: bool = opt(False, "train only the classification head (needs model.pretrained)")
 
 
 @dataclass
 class DataConfig(BaseDataConfig):
-    source: Literal["digits", "folders", "lists"] = opt("digits", "digits: packaged default; folders / lists: IP102 layouts")
+    source: Literal["digits", "folders", "lists"] = opt(
+        "digits", "digits: packaged default; folders / lists: IP102 layouts"
+    )
     path: str | None = opt(None, "IP102 root folder (source=folders|lists)", must_exist=True)
     image_dir: str = opt("images", "folder of the images named in the lists (source=lists)")
     image_size: int = opt(16, "images are resized to image_size x image_size")
@@ -110,7 +114,11 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.n1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(cout)
         self.conv2, self.n2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), norm(cout)
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.n1(self.conv1(x)))
@@ -147,8 +155,10 @@ def build_model(cfg) -> nn.Module:
         missing, unexpected = sorted(backbone - set(state)), sorted(k for k in state if k not in own)
         bad = [k for k in backbone & set(state) if state[k].shape != own[k].shape]
         if missing or unexpected or bad:
-            raise ConfigError(f"model.pretrained={cfg.model.pretrained} does not fit this model (model.width/blocks?): "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}")  # fmt: skip
+            raise ConfigError(
+                f"model.pretrained={cfg.model.pretrained} does not fit this model (model.width/blocks?): "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}"
+            )
         keep = {k: v for k, v in state.items() if k in backbone or v.shape == own[k].shape}
         model.load_state_dict(keep, strict=False)
     if cfg.model.freeze_backbone:

@@ -66,29 +66,48 @@ def read_table(path: str | None):
 def load_table(path, categorical, numeric, class_target, reg_target, val, test, seed):
     """Per split: cat codes (n, C) int64 (0 = unseen), numerics (n, K), class ids, standardised values."""
     df = read_table(path)
-    for key, cols in (("data.categorical", categorical), ("data.numeric", numeric),
-                      ("data.class_target", (class_target,)), ("data.reg_target", (reg_target,))):  # fmt: skip
+    for key, cols in (
+        ("data.categorical", categorical),
+        ("data.numeric", numeric),
+        ("data.class_target", (class_target,)),
+        ("data.reg_target", (reg_target,)),
+    ):
         missing = [c for c in cols if c not in df.columns]
         if missing:
-            raise ConfigError(f"{key}: {', '.join(missing)} not in the table; columns: {', '.join(map(str, df.columns))}")
+            raise ConfigError(
+                f"{key}: {', '.join(missing)} not in the table; columns: {', '.join(map(str, df.columns))}"
+            )
     df = df.dropna(subset=[class_target, reg_target]).reset_index(drop=True)
     order = np.random.default_rng(seed).permutation(len(df))
-    n_test, n_val = int(round(test * len(df))), int(round(val * len(df)))
+    n_test, n_val = round(test * len(df)), round(val * len(df))
     idx = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     train = df.iloc[idx["train"]]
     cats = {c: sorted(train[c].dropna().astype(str).unique()) for c in categorical}
     num = df[list(numeric)].to_numpy(np.float64)
     mean, std = np.nanmean(num[idx["train"]], 0), np.nanstd(num[idx["train"]], 0) + 1e-8
     num = np.nan_to_num((num - mean) / std)  # missing -> the training mean
-    codes = np.stack([(df[c].astype(str).astype("category").cat.set_categories(cats[c]).cat.codes + 1).to_numpy()
-                      for c in categorical], 1) if categorical else np.zeros((len(df), 0))  # fmt: skip
+    codes = (
+        np.stack(
+            [
+                (df[c].astype(str).astype("category").cat.set_categories(cats[c]).cat.codes + 1).to_numpy()
+                for c in categorical
+            ],
+            1,
+        )
+        if categorical
+        else np.zeros((len(df), 0))
+    )
     classes = sorted(df[class_target].astype(str).unique())
     y_cls = df[class_target].astype(str).astype("category").cat.set_categories(classes).cat.codes.to_numpy()
     y = df[reg_target].to_numpy(np.float64)
     y_mean, y_std = y[idx["train"]].mean(), y[idx["train"]].std() + 1e-8
     arrays = {
-        k: {"cat": codes[i].astype(np.int64), "num": num[i].astype(np.float32), "y_cls": y_cls[i].astype(np.int64),
-            "y_reg": ((y[i] - y_mean) / y_std).astype(np.float32)}  # fmt: skip
+        k: {
+            "cat": codes[i].astype(np.int64),
+            "num": num[i].astype(np.float32),
+            "y_cls": y_cls[i].astype(np.int64),
+            "y_reg": ((y[i] - y_mean) / y_std).astype(np.float32),
+        }
         for k, i in idx.items()
     }
     return arrays, [len(cats[c]) + 1 for c in categorical], classes, (y_mean, y_std)
@@ -96,8 +115,16 @@ def load_table(path, categorical, numeric, class_target, reg_target, val, test, 
 
 def _table(cfg):
     d = cfg.data
-    return load_table(d.path, tuple(d.categorical), tuple(d.numeric), d.class_target, d.reg_target,
-                      d.val_fraction, d.test_fraction, d.split_seed)  # fmt: skip
+    return load_table(
+        d.path,
+        tuple(d.categorical),
+        tuple(d.numeric),
+        d.class_target,
+        d.reg_target,
+        d.val_fraction,
+        d.test_fraction,
+        d.split_seed,
+    )
 
 
 def build_datasets(cfg) -> Splits:
@@ -136,7 +163,7 @@ def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
 
 
 def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
-    """Classification: accuracy, macro-F1, per-class accuracy, confusion; regression: RMSE, MAE, R2 in the target's units."""
+    """Accuracy, macro-F1, per-class accuracy, confusion matrix; RMSE, MAE, R2 in the target's units."""
     _, _, classes, (mean, std) = _table(cfg)
     out = classification_metrics(preds[:, 0].long(), targets[:, 0].long(), len(classes))
     p, y = preds[:, 1].double() * std + mean, targets[:, 1].double() * std + mean

@@ -46,8 +46,10 @@ class DataConfig(BaseDataConfig):
 def validate(cfg) -> None:
     d = cfg.data
     if not (0 < d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
-        raise ConfigError(f"data.val_fraction={d.val_fraction} / data.test_fraction={d.test_fraction}: "
-                          "each in [0, 1), val > 0, and their sum < 1")
+        raise ConfigError(
+            f"data.val_fraction={d.val_fraction} / data.test_fraction={d.test_fraction}: "
+            "each in [0, 1), val > 0, and their sum < 1"
+        )
 
 
 def default_h5() -> Path:
@@ -96,12 +98,18 @@ def read_h5(path: str | Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.nd
 def load_arrays(path: str | None, x_key: str, y_key: str, val: float, test: float, seed: int):
     x, y, names = read_h5(path or default_h5(), x_key, y_key)
     order = np.random.default_rng(seed).permutation(len(x))
-    n_test, n_val = int(round(test * len(x))), int(round(val * len(x)))
+    n_test, n_val = round(test * len(x)), round(val * len(x))
     idx = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     tr = idx["train"]
-    stats = {"x_mean": x[tr].mean(0), "x_std": x[tr].std(0) + 1e-8, "y_mean": y[tr].mean(0), "y_std": y[tr].std(0) + 1e-8}
+    stats = {
+        "x_mean": x[tr].mean(0),
+        "x_std": x[tr].std(0) + 1e-8,
+        "y_mean": y[tr].mean(0),
+        "y_std": y[tr].std(0) + 1e-8,
+    }
     splits = {
-        k: ((x[i] - stats["x_mean"]) / stats["x_std"], (y[i] - stats["y_mean"]) / stats["y_std"]) for k, i in idx.items()
+        k: ((x[i] - stats["x_mean"]) / stats["x_std"], (y[i] - stats["y_mean"]) / stats["y_std"])
+        for k, i in idx.items()
     }
     return splits, stats, names
 

@@ -15,6 +15,7 @@ observed value) and seasonal-naive (the value one season back).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,7 +66,9 @@ def validate(cfg) -> None:
     if d.len_source < 1 or d.len_target < 1 or d.season < 1:
         raise ConfigError("data.len_source, data.len_target and data.season must be integers >= 1")
     if not (d.val_fraction > 0 and d.test_fraction > 0 and d.val_fraction + d.test_fraction < 1):
-        raise ConfigError(f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: both > 0, sum < 1")
+        raise ConfigError(
+            f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: both > 0, sum < 1"
+        )
 
 
 @lru_cache(maxsize=2)
@@ -79,7 +82,7 @@ def load_windows(source, path, key, columns, time_column, s, h, season, val, tes
     hor = np.arange(h)
     seasonal_back = (hor // season + 1) * season  # the latest same-phase step that is already observed
     out = {}
-    for split, (a, b) in zip(("train", "val", "test"), zip(bounds, bounds[1:])):
+    for split, (a, b) in zip(("train", "val", "test"), itertools.pairwise(bounds)):
         t = np.arange(a, b - s - h + 1)  # window starts inside the split, targets too
         if len(t) < 1:
             raise ConfigError(f"the {split} split has {b - a} steps, fewer than len_source + len_target = {s + h}")
@@ -95,8 +98,18 @@ def load_windows(source, path, key, columns, time_column, s, h, season, val, tes
 
 def _windows(cfg):
     d = cfg.data
-    return load_windows(d.source, d.path, d.h5_key, tuple(d.columns), d.time_column, d.len_source, d.len_target,
-                        d.season, d.val_fraction, d.test_fraction)  # fmt: skip
+    return load_windows(
+        d.source,
+        d.path,
+        d.h5_key,
+        tuple(d.columns),
+        d.time_column,
+        d.len_source,
+        d.len_target,
+        d.season,
+        d.val_fraction,
+        d.test_fraction,
+    )
 
 
 def build_datasets(cfg) -> Splits:
@@ -114,7 +127,9 @@ class GRUSeq2Seq(nn.Module):
         self.decoder = nn.GRU(n * (2 if m.seasonal_input else 1), m.hidden, m.layers, batch_first=True, dropout=drop)
         self.out = nn.Linear(m.hidden, n)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, seasonal: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, seasonal: torch.Tensor | None = None
+    ) -> torch.Tensor:
         _, state = self.encoder(x)
         prev, outs = x[:, -1:], []
         for t in range(self.horizon):
@@ -139,10 +154,14 @@ class TransformerForecaster(nn.Module):
         self.seasonal = nn.Linear(n, m.hidden) if m.seasonal_input else None
         self.pos = nn.Parameter(torch.randn(1, s + horizon, m.hidden) * 0.02)
         self.query = nn.Parameter(torch.zeros(1, horizon, m.hidden))
-        layer = nn.TransformerEncoderLayer(m.hidden, m.heads, 2 * m.hidden, m.dropout, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            m.hidden, m.heads, 2 * m.hidden, m.dropout, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, m.layers, enable_nested_tensor=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, seasonal: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, seasonal: torch.Tensor | None = None
+    ) -> torch.Tensor:
         queries = self.query.expand(len(x), -1, -1)
         if self.seasonal is not None:
             queries = queries + self.seasonal(seasonal - x[:, -1:])
@@ -178,9 +197,15 @@ def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
         mae_h, rmse_h = err.abs().mean((0, 2)), (err**2).mean((0, 2)).sqrt()
         ape = torch.where(valid, err.abs() / y.abs().clamp(min=1e-6), torch.zeros_like(err))
         mape_h = 100 * ape.sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-        out |= {f"{prefix}mae": float(mae_h.mean()), f"{prefix}rmse": float((err**2).mean().sqrt()),
-                f"{prefix}mape": float(mape_h.mean())}  # fmt: skip
-        out |= {f"{prefix}{k}_h": [round(float(v), 5) for v in t] for k, t in (("mae", mae_h), ("rmse", rmse_h), ("mape", mape_h))}
+        out |= {
+            f"{prefix}mae": float(mae_h.mean()),
+            f"{prefix}rmse": float((err**2).mean().sqrt()),
+            f"{prefix}mape": float(mape_h.mean()),
+        }
+        out |= {
+            f"{prefix}{k}_h": [round(float(v), 5) for v in t]
+            for k, t in (("mae", mae_h), ("rmse", rmse_h), ("mape", mape_h))
+        }
     return out
 
 
@@ -189,9 +214,14 @@ def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor
     from distrain.plots import _pyplot
 
     m = metrics(preds, targets, cfg)
-    print(f"{split} forecasts ({len(targets)} windows): " + "; ".join(
-        f"{label} MAE {m[p + 'mae']:.3f} RMSE {m[p + 'rmse']:.3f} MAPE {m[p + 'mape']:.2f}%"
-        for label, p in zip(("model", "naive last value", "seasonal naive"), FORECASTERS)), flush=True)  # fmt: skip
+    print(
+        f"{split} forecasts ({len(targets)} windows): "
+        + "; ".join(
+            f"{label} MAE {m[p + 'mae']:.3f} RMSE {m[p + 'rmse']:.3f} MAPE {m[p + 'mape']:.2f}%"
+            for label, p in zip(("model", "naive last value", "seasonal naive"), FORECASTERS)
+        ),
+        flush=True,
+    )
     _, mean, std, names = _windows(cfg)
     h = cfg.data.len_target
     p, y = preds[:, 0, :, 0].numpy() * std[0] + mean[0], targets[:, :, 0].numpy() * std[0] + mean[0]

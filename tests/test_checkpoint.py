@@ -91,7 +91,10 @@ def test_interrupt_saves_and_auto_resume_continues_exactly(tmp_path):
 
     run_distrain([*cfg, f"train.max_steps={stopped + 10}", f"output_dir={run}", "resume=auto"])
     ref = tmp_path / "ref"  # straight to stopped+5: a finished run, then raised to stopped+10
-    run_distrain([*cfg, f"train.max_steps={stopped + 5}", f"output_dir={ref}"])
+    keep_two = ["ckpt.every_steps=2", "ckpt.keep_last=2"]
+    run_distrain([*cfg, f"train.max_steps={stopped + 5}", f"output_dir={ref}", *keep_two])
+    kept = [p.name for p in ck.step_dirs(ref / "checkpoints")]  # retention: only the newest two remain
+    assert len(kept) == 2 and kept[-1] == ck.step_name(stopped + 5), kept
     run_distrain([*cfg, f"train.max_steps={stopped + 10}", f"output_dir={ref}", "resume=auto"])
     got, want = losses_by_step(run), losses_by_step(ref)
     assert sorted(got) == sorted(want) == list(range(1, stopped + 11))
@@ -115,6 +118,17 @@ def test_crash_during_save_keeps_previous_checkpoint(stage, straight, tmp_path):
         assert_same_weights(weights(run), weights(straight))
         assert [p.name for p in ck.step_dirs(root)] == ["step_00000020", "step_00000040", "step_00000045"]
         assert not list(root.glob(".tmp-*"))
+
+
+def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        (root / ck.step_name(step)).mkdir(parents=True)
+        if step != 5:  # step 5 is still being written
+            (root / ck.step_name(step) / ck.COMPLETE).write_text("")
+    (root / "best").mkdir()
+    ck.apply_retention(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["best", ck.step_name(3), ck.step_name(4), ck.step_name(5)]
 
 
 def _copy_run(straight: Path, dest: Path) -> Path:

@@ -79,6 +79,7 @@ def test_ddp_exact_resume_and_reshard_to_one_process_and_fsdp(runs):
     assert_exact(ddp, root / "ddp_resumed", 11, 30)
     assert_same_weights(weights(root / "ddp_resumed"), weights(ddp))
     assert_close(ddp, root / "ddp_to_1", 11, 30)
+    assert_same_weights(load_weights_dir(export(ddp, root / "ddp_export")), weights(ddp))
     run_distrain([*CFG, f"output_dir={runs['fsdp']}", ckpt(ddp, 10)], "cpu_fsdp")  # DDP -> FSDP2
     assert_close(ddp, runs["fsdp"], 11, 30)
     state = ck.read_json(runs["fsdp"] / "checkpoints" / ck.step_name(20) / ck.STATE)

@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_distrain, weights
 from PIL import Image
 
 from distrain.config import ConfigError
 from distrain.data import BatchIndices
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
+
+from helpers import run_distrain, weights
 
 CLASSES = ["aphid", "locust", "mite"]
 COLOURS = {"aphid": (200, 40, 40), "locust": (40, 200, 40), "mite": (40, 40, 200)}
@@ -41,8 +42,14 @@ def write_ip102(root, per_class=(6, 2, 2)):
 
 def test_folder_and_list_loaders_agree(tmp_path):
     write_ip102(tmp_path)
-    common = ["recipe=pests", f"data.path={tmp_path}", "data.image_size=12", "data.crop_pad=0", "data.rotation=0",
-              "data.jitter=0"]  # fmt: skip
+    common = [
+        "recipe=pests",
+        f"data.path={tmp_path}",
+        "data.image_size=12",
+        "data.crop_pad=0",
+        "data.rotation=0",
+        "data.jitter=0",
+    ]
     cfg_f, rec_f = resolve_config([*common, "data.source=folders"])
     cfg_l, rec_l = resolve_config([*common, "data.source=lists"])
     parts_f, classes_f, _ = rec_f.module._images(cfg_f)
@@ -50,7 +57,7 @@ def test_folder_and_list_loaders_agree(tmp_path):
     assert classes_f == classes_l == CLASSES
     for split in ("train", "val", "test"):
         xf, _, yf = parts_f[split]
-        xl, _, yl = parts_l[split]
+        _xl, _, yl = parts_l[split]
         assert xf.shape == (len(yf), 3, 12, 12) and xf.dtype == torch.uint8
         assert sorted(yf.tolist()) == sorted(yl.tolist())
     # a pixel's colour tells the class: reference = the colour each class was drawn with
@@ -65,7 +72,8 @@ def test_folder_and_list_loaders_agree(tmp_path):
     (tmp_path / "val.txt").write_text("broken line here\n")
     with pytest.raises(ConfigError, match=r"val.txt:1: expected '<image> <label>'"):
         resolve_config([*common, "data.source=lists", "data.image_size=13"])[1].build_datasets(
-            resolve_config([*common, "data.source=lists", "data.image_size=13"])[0])
+            resolve_config([*common, "data.source=lists", "data.image_size=13"])[0]
+        )
 
 
 def test_augmentation_is_per_sample_and_epoch():
@@ -87,13 +95,28 @@ def test_augmentation_is_per_sample_and_epoch():
 
 
 def test_pretrained_frozen_backbone_trains_only_the_head(tmp_path):
-    tiny = ["recipe=pests", "model.width=4", "model.blocks=[1,1]", "log.progress=false", "train.max_steps=3",
-            "data.batch_size=32", "ckpt.save_best=false", "ckpt.save_final=false"]  # fmt: skip
+    tiny = [
+        "recipe=pests",
+        "model.width=4",
+        "model.blocks=[1,1]",
+        "log.progress=false",
+        "train.max_steps=3",
+        "data.batch_size=32",
+        "ckpt.save_best=false",
+        "ckpt.save_final=false",
+    ]
     cfg, recipe = resolve_config([*tiny, f"output_dir={tmp_path / 'a'}"])
     Trainer(cfg, recipe).train()
     first = weights(tmp_path / "a")
-    cfg, recipe = resolve_config([*tiny, f"output_dir={tmp_path / 'b'}", "train.seed=5",
-                                  f"model.pretrained={tmp_path / 'a' / 'model.safetensors'}", "model.freeze_backbone=true"])
+    cfg, recipe = resolve_config(
+        [
+            *tiny,
+            f"output_dir={tmp_path / 'b'}",
+            "train.seed=5",
+            f"model.pretrained={tmp_path / 'a' / 'model.safetensors'}",
+            "model.freeze_backbone=true",
+        ]
+    )
     trainer = Trainer(cfg, recipe)
     assert "trainable" in trainer.plan_text()
     trainer.train()
@@ -104,16 +127,27 @@ def test_pretrained_frozen_backbone_trains_only_the_head(tmp_path):
         else:
             torch.testing.assert_close(v, second[k], rtol=0, atol=0)  # loaded, then frozen
     with pytest.raises(ConfigError, match="does not fit this model"):
-        cfg, recipe = resolve_config([*tiny, "model.width=8", f"model.pretrained={tmp_path / 'a' / 'model.safetensors'}"])
+        cfg, recipe = resolve_config(
+            [*tiny, "model.width=8", f"model.pretrained={tmp_path / 'a' / 'model.safetensors'}"]
+        )
         recipe.build_model(cfg)
-    with pytest.raises(ConfigError, match="model.freeze_backbone=true needs model.pretrained"):
+    with pytest.raises(ConfigError, match=r"model\.freeze_backbone=true needs model\.pretrained"):
         resolve_config([*tiny, "model.freeze_backbone=true"])
 
 
 def test_auto_batch_keeps_global_batch_and_linear_lr(tmp_path):
-    cfg, recipe = resolve_config(["recipe=pests", "data.batch_size=auto", "data.global_batch=64", "data.auto_memory_mb=6",
-                                  "optim.scale_lr=linear", "optim.base_batch=32", "optim.lr=1e-3",
-                                  f"output_dir={tmp_path}"])  # fmt: skip
+    cfg, recipe = resolve_config(
+        [
+            "recipe=pests",
+            "data.batch_size=auto",
+            "data.global_batch=64",
+            "data.auto_memory_mb=6",
+            "optim.scale_lr=linear",
+            "optim.base_batch=32",
+            "optim.lr=1e-3",
+            f"output_dir={tmp_path}",
+        ]
+    )
     t = Trainer(cfg, recipe)
     assert t.plan.micro_batch < 64 and t.plan.micro_batch * t.plan.grad_accum == 64
     assert t.lr == pytest.approx(1e-3 * 64 / 32)
@@ -123,9 +157,23 @@ def test_auto_batch_keeps_global_batch_and_linear_lr(tmp_path):
 def test_pests_ddp_on_ip102_folders(tmp_path):
     write_ip102(tmp_path / "ip102")
     out = tmp_path / "run"
-    run_distrain(["recipe=pests", "data.source=folders", f"data.path={tmp_path / 'ip102'}", "data.image_size=12",
-                  "data.hflip=true", "data.batch_size=3", "model.width=8", "train.max_epochs=6", "train.patience=0",
-                  "optim.lr=1e-2", "log.progress=false", f"output_dir={out}"], launch_config="cpu_ddp")  # fmt: skip
+    run_distrain(
+        [
+            "recipe=pests",
+            "data.source=folders",
+            f"data.path={tmp_path / 'ip102'}",
+            "data.image_size=12",
+            "data.hflip=true",
+            "data.batch_size=3",
+            "model.width=8",
+            "train.max_epochs=6",
+            "train.patience=0",
+            "optim.lr=1e-2",
+            "log.progress=false",
+            f"output_dir={out}",
+        ],
+        launch_config="cpu_ddp",
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 18
     assert s["test"]["accuracy"] >= 2 / 3  # three colour-coded classes

@@ -1,4 +1,4 @@
-"""pharma recipe: the CSV/Parquet column spec and vectorised preprocessing, metrics against scikit-learn, a 2-process run."""
+"""pharma recipe: CSV/Parquet column spec and vectorised preprocessing, metrics vs scikit-learn, a 2-process run."""
 
 from __future__ import annotations
 
@@ -8,24 +8,31 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import run_distrain
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
 
 from distrain.config import ConfigError
 from distrain.recipe import resolve_config
 
-SPEC = ["data.categorical=[genotype,site]", "data.numeric=[age,weight]", "data.class_target=responder",
-        "data.reg_target=dose"]  # fmt: skip
+from helpers import run_distrain
+
+SPEC = [
+    "data.categorical=[genotype,site]",
+    "data.numeric=[age,weight]",
+    "data.class_target=responder",
+    "data.reg_target=dose",
+]
 
 
 def table(n=120, seed=0):
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({
-        "genotype": rng.choice(["*1/*1", "*1/*2", "*2/*3"], n),
-        "site": rng.choice(["north", "south"], n),
-        "age": rng.uniform(20, 80, n),
-        "weight": rng.normal(75, 10, n),
-    })  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "genotype": rng.choice(["*1/*1", "*1/*2", "*2/*3"], n),
+            "site": rng.choice(["north", "south"], n),
+            "age": rng.uniform(20, 80, n),
+            "weight": rng.normal(75, 10, n),
+        }
+    )
     df.loc[3, "weight"] = np.nan
     df["dose"] = 5 + 2 * (df["genotype"] == "*1/*1") + 0.05 * df["age"] + rng.normal(0, 0.3, n)
     df["responder"] = np.where(df["genotype"] == "*2/*3", "no", "yes")
@@ -57,7 +64,7 @@ def test_csv_and_parquet_preprocessing(tmp_path):
     np.testing.assert_allclose(arrays["train"]["num"][:, 1], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(arrays["train"]["y_reg"] * std + mean, train["dose"], rtol=1e-5)
     assert (arrays["train"]["y_cls"] == (train["responder"] == "yes").to_numpy()).all()
-    with pytest.raises(ConfigError, match="data.numeric: height not in the table"):
+    with pytest.raises(ConfigError, match=r"data\.numeric: height not in the table"):
         c, r = resolve_config(["recipe=pharma", f"data.path={tmp_path / 't.csv'}", *SPEC, "data.numeric=[height]"])
         r.build_datasets(c)
 
@@ -91,14 +98,23 @@ def test_metrics_match_sklearn(tmp_path):
 @pytest.mark.multiproc
 def test_pharma_ddp_default_data(tmp_path):
     out = tmp_path / "run"
-    run_distrain(["recipe=pharma", "train.max_epochs=25", "train.patience=0", "model.hidden=32", "log.progress=false",
-                  f"output_dir={out}"], launch_config="cpu_ddp")  # fmt: skip
+    run_distrain(
+        [
+            "recipe=pharma",
+            "train.max_epochs=25",
+            "train.patience=0",
+            "model.hidden=32",
+            "log.progress=false",
+            f"output_dir={out}",
+        ],
+        launch_config="cpu_ddp",
+    )
     s = json.loads((out / "summary.json").read_text())
     t = s["test"]
     assert s["world_size"] == 2
     # references on the same test rows: the majority class and the mean MPG of the training rows
     cfg, recipe = resolve_config(["recipe=pharma"])
-    arrays, _, _, (mean, std) = recipe.module._table(cfg)
+    arrays, _, _, (_mean, _std) = recipe.module._table(cfg)
     majority = np.bincount(arrays["train"]["y_cls"]).argmax()
     assert t["accuracy"] > (arrays["test"]["y_cls"] == majority).mean() + 0.1
     assert t["r2"] > 0.6

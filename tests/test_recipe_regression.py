@@ -8,13 +8,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import run_distrain
 from sklearn.datasets import load_diabetes
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from distrain.config import ConfigError
 from distrain.recipe import load_recipe, resolve_config
+
+from helpers import run_distrain
 
 
 def write_h5(path, n=300, seed=0):
@@ -57,7 +58,9 @@ def test_default_data_is_diabetes_written_once(tmp_path, monkeypatch):
 
 def test_metrics_match_sklearn(tmp_path):
     write_h5(tmp_path / "d.h5")
-    cfg, recipe = resolve_config(["recipe=regression", f"data.path={tmp_path / 'd.h5'}", "data.x_key=inputs", "data.y_key=targets"])
+    cfg, recipe = resolve_config(
+        ["recipe=regression", f"data.path={tmp_path / 'd.h5'}", "data.x_key=inputs", "data.y_key=targets"]
+    )
     _, stats, _ = recipe.module._arrays(cfg)
     rng = np.random.default_rng(1)
     p, t = rng.normal(size=(40, 2)), rng.normal(size=(40, 2))
@@ -73,9 +76,23 @@ def test_metrics_match_sklearn(tmp_path):
 def test_regression_ddp_on_hdf5(tmp_path):
     x, y = write_h5(tmp_path / "d.h5")
     out = tmp_path / "run"
-    run_distrain(["recipe=regression", f"data.path={tmp_path / 'd.h5'}", "data.x_key=inputs", "data.y_key=targets",
-                  "train.max_epochs=30", "train.patience=0", "data.batch_size=16", "optim.lr=1e-2", "model.hidden=[32]", "model.dropout=0",
-                  "log.progress=false", f"output_dir={out}"], launch_config="cpu_ddp")  # fmt: skip
+    run_distrain(
+        [
+            "recipe=regression",
+            f"data.path={tmp_path / 'd.h5'}",
+            "data.x_key=inputs",
+            "data.y_key=targets",
+            "train.max_epochs=30",
+            "train.patience=0",
+            "data.batch_size=16",
+            "optim.lr=1e-2",
+            "model.hidden=[32]",
+            "model.dropout=0",
+            "log.progress=false",
+            f"output_dir={out}",
+        ],
+        launch_config="cpu_ddp",
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2
     # Independent reference: ordinary least squares on the same train/test rows.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -161,6 +163,46 @@ def test_dry_run_two_nodes_eight_gpus(tmp_path):
         assert f"output_dir={tmp_path.resolve()}/runs/har/slurm-4242" in words
     assert "SLURM_RESTART_COUNT=0" in run.stdout and "--- pip freeze" in run.stdout
     assert "WANDB_API_KEY=***" in run.stdout and "sekret-value" not in run.stdout  # printenv masks secrets
+
+
+def _free_job_id() -> int:
+    """A job id whose derived rendezvous port (20000 + id % 20000) is free here."""
+    for job in random.sample(range(1, 20000), 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 20000 + job))
+            except OSError:
+                continue
+            return job
+    raise RuntimeError("no free port in 20000-39999")
+
+
+@pytest.mark.multiproc
+def test_multinode_launch_line_trains_like_a_direct_run(reference, tmp_path):
+    """The rendered 2-node script, its two "nodes" run on this machine (1 CPU process each): the
+    c10d rendezvous forms one world of 2 and trains exactly like the direct 2-process run."""
+    proc = subprocess.run([*DISTRAIN, "slurm", "submit", *TINY, "--nodes", "2", "--gpus-per-node", "1",
+                           "--launch-config", "cpu_ddp", "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "scontrol", 'case "$1 $2" in "show hostnames") echo localhost;; *) echo JobState=RUNNING;; esac\n')
+    # srun: one task per "node"; node 1 starts a little later, so node 0 hosts the c10d store
+    # (here both nodes are localhost, and accelerate checks the port is free on machine rank 0).
+    _stub(bin_dir / "srun", 'while [[ $1 == --* ]]; do shift; done\n'
+                            'SLURM_NODEID=0 "$@" & a=$!; sleep 3; SLURM_NODEID=1 "$@" & b=$!\n'
+                            'wait $a; ra=$?; wait $b; rb=$?; exit $(( ra > rb ? ra : rb ))\n')  # fmt: skip
+    job = _free_job_id()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job),
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "1"}  # fmt: skip
+    env.pop("SLURM_ARRAY_JOB_ID", None)
+    run = subprocess.run(["bash", "-c", proc.stdout], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "har" / f"slurm-{job}"
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    assert_same_run(run_dir, reference)
 
 
 def test_gpu_template_one_node(tmp_path, monkeypatch):

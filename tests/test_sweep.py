@@ -1,4 +1,4 @@
-"""distrain sweep: search-space errors, an in-process Optuna study on pharma, resume, pruning through Trainer.on_eval."""
+"""distrain sweep: search-space errors, an in-process Optuna study on pharma, resume, pruning via Trainer.on_eval."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ from distrain.recipe import resolve_config
 from distrain.sweep import main as sweep
 from distrain.trainer import Trainer
 
-TINY = ["recipe=pharma", "train.max_epochs=3", "train.patience=0", "model.layers=1", "log.progress=false",
-        "ckpt.save_best=false", "ckpt.save_final=false"]  # fmt: skip
+TINY = [
+    "recipe=pharma",
+    "train.max_epochs=3",
+    "train.patience=0",
+    "model.layers=1",
+    "log.progress=false",
+    "ckpt.save_best=false",
+    "ckpt.save_final=false",
+]
 SPACE = ["optim.lr=loguniform(1e-4,1e-2)", "model.hidden=choice(8,16,32)"]
 
 
@@ -45,20 +52,29 @@ def test_sweep_runs_trials_saves_best_and_resumes(tmp_path, capsys):
     records = [json.loads(p.read_text()) for p in trials]
     assert len(records) == 3 and all((p.parent / "summary.json").is_file() for p in trials)
     # Reference: the best value from the trial run dirs' own summaries, not from Optuna.
-    values = {r["number"]: json.loads((d / f"trial_{r['number']:04d}" / "summary.json").read_text())["best_metric"]["loss"]
-              for r in records}  # fmt: skip
+    values = {
+        r["number"]: json.loads((d / f"trial_{r['number']:04d}" / "summary.json").read_text())["best_metric"]["loss"]
+        for r in records
+    }
     best = min(values, key=values.get)
     assert f"best trial {best}:" in out
     best_cfg = yaml.safe_load((d / "best_config.yaml").read_text())
     params = next(r["params"] for r in records if r["number"] == best)
-    assert best_cfg["optim"]["lr"] == pytest.approx(params["optim.lr"]) and best_cfg["model"]["hidden"] == params["model.hidden"]
+    assert (
+        best_cfg["optim"]["lr"] == pytest.approx(params["optim.lr"])
+        and best_cfg["model"]["hidden"] == params["model.hidden"]
+    )
     cfg, _ = resolve_config([f"config={d / 'best_config.yaml'}"])  # runnable as it is
     assert cfg.recipe == "pharma" and cfg.output_dir is None
 
     # A crash leaves a RUNNING trial behind; the same command re-runs its parameters and adds one more trial.
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{d / 'study.db'}")
-    stale = study.ask({"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
-                       "model.hidden": optuna.distributions.CategoricalDistribution([8, 16, 32])})  # fmt: skip
+    stale = study.ask(
+        {
+            "optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+            "model.hidden": optuna.distributions.CategoricalDistribution([8, 16, 32]),
+        }
+    )
     assert sweep([*TINY, *SPACE, "trials=4", f"sweep_dir={d}"]) == 0
     out = capsys.readouterr().out
     assert f"trial {stale.number} was left unfinished" in out
@@ -86,3 +102,34 @@ def test_pruning_from_on_eval_ends_the_run_cleanly(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert seen == [(2, rows[-1]["val/loss"])]  # the callback saw the logged evaluation, and training stopped there
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_array_workers_share_the_study(tmp_path, monkeypatch, capsys):
+    from slurm_cluster import LocalSlurm, SlurmUnavailable, install
+
+    try:
+        install()
+        slurm = LocalSlurm().start()
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+        d = tmp_path / "s"
+        args = [*TINY, *SPACE, "trials=4", f"sweep_dir={d}", "--slurm-array", "2", "--time", "10", "--cpus-per-task=1"]
+        assert sweep(args) == 0
+        job = capsys.readouterr().out.split("submitted Slurm array job ")[1].split(":")[0]
+        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        for task in range(2):
+            assert slurm.wait_state(f"{job}_{task}", ended, 300)["JobState"] == "COMPLETED"
+        logs = [p.read_text() for p in (tmp_path / "runs" / "slurm").glob("*.out")]
+        assert len(logs) == 2 and all("trial " in log for log in logs), logs  # both workers ran trials
+        study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{d / 'study.db'}")
+        states = optuna.trial.TrialState
+        assert len([t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]) >= 4
+        assert sweep([f"sweep_dir={d}"]) == 0  # collects: prints and saves the best trial
+        assert (d / "best_config.yaml").is_file()
+    finally:
+        slurm.stop()
