@@ -17,9 +17,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from distrain.config import ConfigError
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line ConfigErrors (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 class StepRunner:
@@ -99,7 +106,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="distrain bench", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="distrain bench", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="", help="comma-separated micro-batch sizes (default: the config's)")
     parser.add_argument("--precision", default="no", help="comma-separated precisions: no, bf16, fp16")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")

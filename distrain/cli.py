@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("distrain.bench", "main", "throughput/memory per setting: distrain bench recipe=har --batch-sizes 32,64"),
     "slurm": ("distrain.slurm", "main", "submit a recipe to Slurm: distrain slurm submit recipe=har --time 01:00:00"),
     "export": ("distrain.export", "main", "consolidated weights for inference: distrain export <run dir> --out <dir>"),
-    "sweep": ("distrain.sweep", "main", "Optuna search, a run per trial: distrain sweep recipe=pharma 'optim.lr=loguniform(1e-4,1e-2)'"),
+    "sweep": ("distrain.sweep", "main", "Optuna hyperparameter search (each trial a run): distrain sweep --help"),
 }
 
 USAGE = "usage: distrain <command> [args]\n\ncommands:\n"

@@ -13,12 +13,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from distrain.bench import StepRunner
+from distrain.bench import ArgParser, StepRunner
 from distrain.config import ConfigError
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="distrain profile", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="distrain profile", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before profiling (not recorded)")
     parser.add_argument("--top", type=int, default=20, help="operators in the printed table")

@@ -11,7 +11,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from distrain.cli import run_main  # noqa: E402
+from distrain.cli import run_main
 
 if __name__ == "__main__":
     sys.exit(run_main(sys.argv[1:]))

@@ -4,7 +4,8 @@
 
 Arguments whose value is `loguniform(a,b)`, `uniform(a,b)`, `int(a,b)`, `logint(a,b)` or
 `choice(v1,v2,...)` form the search space; the other `key=value` arguments are fixed overrides.
-`trials=N` (default 20), `sweep_dir=` (default runs/sweeps/<recipe>/<timestamp>), `seed=`.
+`trials=N` (default 20), `sweep_dir=` (default runs/sweeps/<recipe>/<timestamp>), `seed=`,
+`prune_warmup=K` (default 1: the first K evaluations of a trial never prune it).
 
 TPE sampler; a median pruner fed with `train.metric` after every validation. The study lives
 in `<sweep_dir>/study.db` (SQLite) beside `sweep.yaml` (the spec): running the same command
@@ -37,7 +38,7 @@ from distrain.config import ConfigError, parse_value
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\((.*)\)\s*$")
-SWEEP_KEYS = ("trials", "sweep_dir", "seed")
+SWEEP_KEYS = ("trials", "sweep_dir", "seed", "prune_warmup")
 
 
 @dataclass
@@ -96,7 +97,7 @@ def parse_param(key: str, text: str) -> Param:
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], list[Param]]:
     """-> sweep settings, fixed `key=value` overrides, search space."""
-    settings: dict[str, Any] = {"trials": 20, "sweep_dir": None, "seed": 0}
+    settings: dict[str, Any] = {"trials": 20, "sweep_dir": None, "seed": 0, "prune_warmup": 1}
     fixed, space = [], []
     for arg in argv:
         if "=" not in arg:
@@ -115,6 +116,9 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], list[Param]]
         raise ConfigError(f"trials={settings['trials']!r} is out of range; allowed: an integer >= 1")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
         raise ConfigError(f"seed={settings['seed']!r} must be an integer")
+    warmup = settings["prune_warmup"]
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ConfigError(f"prune_warmup={warmup!r} is out of range; allowed: an integer >= 0")
     if len({p.key for p in space}) != len(space):
         raise ConfigError("a key appears twice in the search space")
     return settings, fixed, space
@@ -142,7 +146,7 @@ class SweepInterrupted(Exception):
         self.exit_code = exit_code
 
 
-def run_trial(trial: Any, fixed: list[str], space: list[Param], sweep_dir: Path) -> float:
+def run_trial(trial: Any, fixed: list[str], space: list[Param], sweep_dir: Path, prune_warmup: int = 1) -> float:
     """One trial: a normal run in <sweep_dir>/trial_<n>, reporting validation metrics to the pruner."""
     import optuna
     from accelerate.state import AcceleratorState, GradientState
@@ -154,11 +158,13 @@ def run_trial(trial: Any, fixed: list[str], space: list[Param], sweep_dir: Path)
     run_dir = sweep_dir / f"trial_{trial.number:04d}"
     cfg, recipe = resolve_config([*fixed, *(_arg(k, v) for k, v in params.items()), f"output_dir={run_dir}"])
     metric = cfg.train.metric
+    evals = [0]
 
     def report(step: int, metrics: dict[str, Any]) -> None:
         value = float(metrics[metric])
         trial.report(value, step)
-        if trial.should_prune():
+        evals[0] += 1
+        if evals[0] > prune_warmup and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} with {metric}={value:.6g}")
 
     record = {"number": trial.number, "params": params, "run_dir": str(run_dir)}
@@ -223,7 +229,7 @@ def optimize(sweep_dir: Path, spec: dict[str, Any], worker: bool = False) -> int
     while finished(study) < spec["trials"]:
         trial = study.ask()
         try:
-            value = run_trial(trial, fixed, space, sweep_dir)
+            value = run_trial(trial, fixed, space, sweep_dir, spec.get("prune_warmup", 1))
         except optuna.TrialPruned as e:
             study.tell(trial, state=TrialState.PRUNED)
             print(f"trial {trial.number}: {e}", flush=True)
@@ -335,6 +341,7 @@ def main(argv: list[str]) -> int:
                 "space": [vars(p) for p in space],
                 "trials": settings["trials"],
                 "seed": settings["seed"],
+                "prune_warmup": settings["prune_warmup"],
                 "metric": cfg.train.metric,
                 "direction": "minimize" if cfg.train.mode == "min" else "maximize",
             }

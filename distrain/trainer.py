@@ -178,7 +178,12 @@ class Trainer:
         self.run_dir = self._make_run_dir()
         self._last_saved_step = -1
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
-        self.resumed_from = checkpoint.resume(self) if cfg.resume else None
+        try:
+            self.resumed_from = checkpoint.resume(self) if cfg.resume else None
+        except ConfigError:
+            if self.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # created just above: a refused resume leaves nothing behind
+            raise
         self._write_config()
         setup_logging(self.rank, self.run_dir)
         if self.resumed_from is not None:

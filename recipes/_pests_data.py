@@ -43,7 +43,7 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except OSError as e:
         raise ConfigError(f"cannot read image {path}: {e}") from None
     return a[None] if channels == 1 else a.transpose(2, 0, 1)

@@ -9,6 +9,7 @@ layout instead (9 channels, 6 activities; val = the last 4 training subjects).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -74,6 +75,15 @@ def load_uci_har(root: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def load_watch() -> dict:
+    """seglearn.datasets.load_watch without importing seglearn (1.4 s of scikit-learn imports)."""
+    spec = importlib.util.find_spec("seglearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data.source=watch needs the seglearn package: pip install seglearn")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "watch_dataset.npy"
+    return np.load(path, allow_pickle=True).item()  # the package's own data file, a pickled dict
+
+
 @lru_cache(maxsize=2)
 def load_arrays(source: str, path: str | None, window: int, stride: int):
     """(x, y, subject) per split, standardised with training statistics, and the class names."""
@@ -86,8 +96,6 @@ def load_arrays(source: str, path: str | None, window: int, stride: int):
         parts["test"] = (d["x_test"], d["y_test"], d["s_test"])
         labels = UCI_LABELS
     else:
-        from seglearn.datasets import load_watch
-
         w = load_watch()
         x, y, s = _windows(w["X"], w["y"], w["subject"], window, stride)
         groups = {"train": s <= 7, "val": s == 8, "test": s >= 9}

@@ -63,6 +63,16 @@ def test_uci_har_splits_by_subject_and_trains(tmp_path):
     assert len(summary["test"]["per_class_accuracy"]) == 6
 
 
+def test_watch_file_reader_matches_seglearn():
+    from seglearn.datasets import load_watch
+
+    ours, theirs = har.load_watch(), load_watch()
+    assert len(ours["X"]) == len(theirs["X"]) == 140
+    assert all(np.array_equal(a, b) for a, b in zip(ours["X"], theirs["X"]))
+    for key in ("y", "subject"):
+        np.testing.assert_array_equal(ours[key], theirs[key])
+
+
 def test_watch_data_is_split_by_subject_and_standardised():
     arrays, labels = har.load_arrays("watch", None, 128, 64)
     subjects = {k: set(np.unique(s).tolist()) for k, (_, _, s) in arrays.items()}

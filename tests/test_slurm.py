@@ -195,7 +195,9 @@ def test_multinode_launch_line_trains_like_a_direct_run(reference, tmp_path):
                             'wait $a; ra=$?; wait $b; rb=$?; exit $(( ra > rb ? ra : rb ))\n')  # fmt: skip
     job = _free_job_id()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job),
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "1"}  # fmt: skip
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "1",
+           # torchrun sets this for 2 local processes, not for 1 per node: same float reduction order
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     env.pop("SLURM_ARRAY_JOB_ID", None)
     run = subprocess.run(["bash", "-c", proc.stdout], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)  # fmt: skip

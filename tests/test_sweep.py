@@ -35,6 +35,7 @@ SPACE = ["optim.lr=loguniform(1e-4,1e-2)", "model.hidden=choice(8,16,32)"]
         ("model.hidden=int(1.5,4)", "bounds must be integers"),
         ("model.hidden=choice(8,wide)", "model.hidden='wide' must be an integer"),
         ("optim.lrr=uniform(0.1,0.2)", "unknown key 'optim.lrr'; closest valid key: optim.lr"),
+        ("prune_warmup=-1", "prune_warmup=-1 is out of range"),
     ],
 )
 def test_malformed_space_is_one_line_exit_2(tmp_path, capsys, arg, message):
