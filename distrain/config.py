@@ -192,9 +192,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -261,7 +261,7 @@ def all_keys(obj: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, cfg: Any) -> ConfigError:
-    valid = all_keys(cfg) + ["config"]
+    valid = [*all_keys(cfg), "config"]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # a typo in the section name: match on the last part
         tail = key.rsplit(".", 1)[-1]

@@ -51,7 +51,7 @@ class BatchIndices(list):
 def as_dataset(data: Any) -> Dataset:
     """Accept an ArrayDataset, a dict of tensors/arrays, a Hugging Face Dataset, or any torch Dataset."""
     if isinstance(data, dict):
-        return ArrayDataset({k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in data.items()})
+        return ArrayDataset({k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for k, v in data.items()})
     if type(data).__module__.startswith("datasets."):  # Hugging Face: tensorise once, not per batch
         return ArrayDataset(dict(data.with_format("torch")[:]))
     return data

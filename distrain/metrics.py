@@ -27,7 +27,7 @@ class _TqdmHandler(logging.StreamHandler):
             from tqdm import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:
             self.handleError(record)
 
 
@@ -141,7 +141,8 @@ def init_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> None:
     from distrain.config import to_plain
 
     flat = _flatten(to_plain(cfg))
-    accelerator.init_trackers(cfg.log.wandb_project if cfg.log.wandb else "tensorboard", config=flat, init_kwargs=init_kwargs)
+    project = cfg.log.wandb_project if cfg.log.wandb else "tensorboard"
+    accelerator.init_trackers(project, config=flat, init_kwargs=init_kwargs)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -40,7 +40,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torc
 
 
 def warmup_steps(cfg: SchedConfig, total_steps: int) -> int:
-    return cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    return cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
 
 
 def lr_multiplier(cfg: SchedConfig, total_steps: int, peak_lr: float) -> Callable[[int], float]:

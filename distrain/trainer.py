@@ -468,7 +468,8 @@ class Trainer:
             "time": round(time.perf_counter() - self._start, 3),
         }
         logger.log(row, s.step)
-        logger.advance(w.steps, {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"})
+        postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"}
+        logger.advance(w.steps, postfix)
 
     def _throughput_fields(self, w: Window, elapsed: float) -> dict[str, float]:
         """tokens/s when the recipe counts tokens; achieved TFLOP/s per device and MFU once FLOPs are counted."""

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write a state dict to one safetensors file atomically (temp file, fsync, rename).
 
     Tied weights share storage, which safetensors refuses; each tensor is written as its own copy.

@@ -44,7 +44,7 @@ def run_distrain(
     extra_launch_args: list[str] | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python distrain/run.py args` or `accelerate launch --config_file launch_configs/<name>.yaml distrain/run.py args`."""
+    """`python distrain/run.py ARGS`, or through `accelerate launch --config_file launch_configs/<name>.yaml`."""
     if launch_config is None:
         cmd = [sys.executable, str(RUN_PY), *args]
     else:
@@ -58,7 +58,10 @@ def run_distrain(
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -7,6 +7,7 @@ exactly minus its gradient, so the update is compared with an independent big-ba
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from distrain.data import BatchPlan
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
+
 from helpers import TINY_HAR
 
 
@@ -43,8 +45,8 @@ def test_accumulated_update_equals_big_batch_gradient(tmp_path, sizes):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     want = big_batch_grad(trainer.model, full["x"], full["y"])
     bounds = np.cumsum([0, *sizes])
-    micro = [data.__getitems__(idx[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    loss, _, applied = trainer.train_step(micro, global_count=sum(sizes))
+    micro = [data.__getitems__(idx[a:b]) for a, b in itertools.pairwise(bounds)]
+    _loss, _, applied = trainer.train_step(micro, global_count=sum(sizes))
     assert applied
     for n, p in trainer.model.named_parameters():
         got = before[n] - p.detach()

@@ -11,6 +11,7 @@ import yaml
 from distrain.cli import main
 from distrain.config import ConfigError, parse_overrides
 from distrain.recipe import resolve_config
+
 from helpers import REPO, RUN_PY
 
 
@@ -106,7 +107,7 @@ def test_help_lists_every_key_with_type_default_and_description(capsys):
 def test_custom_recipe_file_by_path(tmp_path):
     recipe = tmp_path / "my_recipe.py"
     recipe.write_text((REPO / "recipes" / "har.py").read_text())
-    cfg, r = resolve_config([f"recipe={recipe}"])
+    _cfg, r = resolve_config([f"recipe={recipe}"])
     assert r.path == recipe and r.name == "my_recipe"
 
 

@@ -16,11 +16,11 @@ import yaml
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
 
 sys.path.insert(0, str(REPO))
-from recipes import har  # noqa: E402
+from recipes import har
 
 
 def write_uci_fixture(root, rng, subjects_train=range(1, 9), subjects_test=(9, 10), rows_per_subject=6):
-    """The official UCI HAR layout: <split>/Inertial Signals/<channel>_<split>.txt, y_<split>.txt, subject_<split>.txt."""
+    """The official UCI HAR layout: <split>/Inertial Signals/<channel>_<split>.txt, y_ and subject_<split>.txt."""
     written = {}
     for split, subjects in (("train", subjects_train), ("test", subjects_test)):
         n = rows_per_subject * len(subjects)
