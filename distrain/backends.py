@@ -9,6 +9,7 @@ preparing, `verify` checks the real wrapping against what was asked, so a silent
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -77,6 +78,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if not torch.cuda.is_available() and world and world > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     _claim_fsdp_request()
+    atexit.register(_close_process_group)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.precision,
@@ -89,6 +91,14 @@ def build_accelerator(cfg: Config) -> Accelerator:
             "on CPU use launch_configs/cpu_ddp.yaml or ACCELERATE_USE_CPU=1 with --multi_gpu"
         )
     return accelerator
+
+
+def _close_process_group() -> None:
+    """Destroy the process group at exit, as torch asks, rather than leave it to C++ destructors."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def configure_torch(cfg: Config) -> None:

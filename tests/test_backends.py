@@ -46,13 +46,13 @@ LAUNCH = {
     "deepspeed_zero3": "cpu_zero3",
 }
 
-# fp32: everything within 1e-5 (measured: losses 1.4e-7, grad norms 1.8e-7, weights 1e-7).
+# fp32: everything within 1e-5 (measured: losses 1.4e-7, grad norms 1.8e-7, weights 1.2e-7).
 FP32_TOL = 1e-5
 # bf16: FSDP2 and DeepSpeed run the forward on bf16 copies of the weights while the 1-process
-# reference autocasts fp32 weights, so rounding differs. Measured: losses 9e-4 relative, grad
-# norms 3e-3 relative, weights 3.3% of the distance trained. Allowed: 5e-3, 2e-2, 10%; a wrong
-# gradient scale, LR schedule or sync shows as O(1) there. DDP autocasts exactly like the
-# reference, so it keeps the fp32 tolerance in bf16 too.
+# reference autocasts fp32 weights, so rounding differs. Measured: losses 1.3e-3 relative, grad
+# norms 3.1e-3 relative, weights 3.0% of the distance trained. Allowed: 5e-3, 2e-2, 10%; a wrong
+# gradient scale, LR schedule or sync shows as O(1) there. The bf16 runs also split the batch
+# into micro-batches of 4 instead of 8, which alone moves bf16 losses by ~4e-4 (DDP too).
 BF16_LOSS_TOL, BF16_NORM_TOL, BF16_WEIGHT_TOL = 5e-3, 2e-2, 0.10
 
 
@@ -122,21 +122,21 @@ def test_backend_matches_single_process(backend: str, precision: str, reference:
     norm_err = _max_rel(_series(tmp_path, "grad_norm"), _series(ref, "grad_norm"))
     got, want = _key_bias_free(weights(tmp_path)), _key_bias_free(weights(ref))
     assert got.keys() == want.keys()
-    if precision == "no" or backend == "ddp":
+    if precision == "no":
         assert loss_err < FP32_TOL, f"per-step losses differ by {loss_err:.2e} relative"
         assert norm_err < FP32_TOL, f"per-step gradient norms differ by {norm_err:.2e} relative"
         for k in want:
             err = float((got[k] - want[k]).abs().max())
             assert err < FP32_TOL, f"final weight {k} differs by {err:.2e}"
-        if precision == "no":  # the best weights, restored from the in-memory snapshot for test and export
-            ref_summary = json.loads((ref / "summary.json").read_text())
-            assert ref_summary["best_step"] < STEPS, "the reference should have an earlier best step"
-            assert summary["best_step"] == ref_summary["best_step"]
-            got = _key_bias_free(weights(tmp_path, "best_model.safetensors"))
-            want = _key_bias_free(weights(ref, "best_model.safetensors"))
-            assert max(float((got[k] - want[k]).abs().max()) for k in want) < FP32_TOL
-            test_err = abs(summary["test"]["loss"] / ref_summary["test"]["loss"] - 1)
-            assert test_err < FP32_TOL, f"test loss on the restored best weights differs by {test_err:.2e}"
+        # the best weights, restored from the in-memory snapshot for test and export
+        ref_summary = json.loads((ref / "summary.json").read_text())
+        assert ref_summary["best_step"] < STEPS, "the reference should have an earlier best step"
+        assert summary["best_step"] == ref_summary["best_step"]
+        got = _key_bias_free(weights(tmp_path, "best_model.safetensors"))
+        want = _key_bias_free(weights(ref, "best_model.safetensors"))
+        assert max(float((got[k] - want[k]).abs().max()) for k in want) < FP32_TOL
+        test_err = abs(summary["test"]["loss"] / ref_summary["test"]["loss"] - 1)
+        assert test_err < FP32_TOL, f"test loss on the restored best weights differs by {test_err:.2e}"
         return
     assert loss_err < BF16_LOSS_TOL, f"bf16 per-step losses differ by {loss_err:.2e} relative"
     assert norm_err < BF16_NORM_TOL, f"bf16 per-step gradient norms differ by {norm_err:.2e} relative"
