@@ -684,7 +684,13 @@ def resume(trainer: Any) -> Path | None:
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     check_fits(path, index, state, model_state, trainer.recipe.name)
     model_values, optim_values = load_states(path, model_state, optim_state)
+    best_values = _best_values(path, state, model_state)
+    if best_values is not None:  # rebuild the in-memory best snapshot the interrupted run had
+        trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, optim_values)
+        trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
+    if state["train_state"].get("best_step") == state["train_state"].get("step"):
+        trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
 
     fields = {f.name for f in dataclasses.fields(trainer.state)}
     trainer.state = type(trainer.state)(**{k: v for k, v in state["train_state"].items() if k in fields})
@@ -711,12 +717,16 @@ def resume(trainer: Any) -> Path | None:
     return path
 
 
-def best_weights_on_disk(run_dir: Path, best_step: int) -> dict[str, torch.Tensor] | None:
-    """The best/ checkpoint's weights if it holds step `best_step` (after a resume, memory has none)."""
-    best = Path(run_dir) / CKPT_DIR / "best"
+def _best_values(path: Path, state: dict[str, Any], model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The best/ checkpoint's weights laid out like `model_state`, when it holds the run's best step."""
+    best_step = state["train_state"].get("best_step", -1)
+    best = path.parent / "best"
+    if path.name == "best" or best_step in (-1, state["train_state"].get("step")):
+        return None
     try:
-        if read_json(best / STATE).get("step") == best_step:
-            return full_model_state(best)
+        if read_json(best / STATE).get("step") != best_step:
+            return None
+        verify(best)
     except CheckpointError:
         return None
-    return None
+    return load_states(best, model_state, None)[0]

@@ -504,10 +504,9 @@ class Trainer:
             best = self.backend.full_state_dict(self.model)
             if self.rank == 0:
                 save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
-        elif self.resumed_from is not None and s.best_step not in (-1, s.step) and self.rank == 0:
-            best = checkpoint.best_weights_on_disk(self.run_dir, s.best_step)  # resumed: no snapshot in memory
-            if best is not None:
-                save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
+        elif s.best_step not in (-1, s.step):
+            log.warning("the best weights (step %d) were not restorable; the test split uses the final ones",
+                        s.best_step)  # fmt: skip
         if "test" in self.datasets:
             test_metrics = self.evaluate("test")
             log.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))

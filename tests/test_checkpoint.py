@@ -228,3 +228,18 @@ def test_export_single_and_sharded_equal_trained_weights(straight, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distrain.cli", "export", str(tmp_path), "--out", str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "holds no complete checkpoint" in bad.stderr
+
+
+def test_resume_restores_the_best_weights_for_the_test_split(tmp_path):
+    """A run resumed after its best evaluation still tests with the best weights, like the straight run.
+    `train.mode=min` on accuracy makes an early evaluation the best one, before the resume point."""
+    cfg = [*TINY_HAR, "sched.name=constant", "sched.warmup_ratio=0", "train.eval_every=5", "train.mode=min"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_distrain([*cfg, "train.max_steps=30", f"output_dir={straight}"])
+    run_distrain([*cfg, "train.max_steps=15", f"output_dir={split}"])
+    run_distrain([*cfg, "train.max_steps=30", f"output_dir={split}", "resume=auto"])
+    want = json.loads((straight / "summary.json").read_text())
+    got = json.loads((split / "summary.json").read_text())
+    assert want["best_step"] < 15 and got["best_step"] == want["best_step"]
+    assert got["test"] == want["test"]
+    assert_same_weights(weights(split, "best_model.safetensors"), weights(straight, "best_model.safetensors"))
