@@ -37,6 +37,11 @@ def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, num_class
 def save_confusion(run_dir: Path, split: str, cm: Sequence[Sequence[int]], labels: Sequence[str]) -> None:
     """confusion_<split>.json and a PNG heat map with counts."""
     (run_dir / f"confusion_{split}.json").write_text(json.dumps({"labels": list(labels), "matrix": cm}, indent=1))
+    plot_confusion(run_dir / f"confusion_{split}.png", labels, cm, split)
+
+
+def plot_confusion(path: Path, labels: Sequence[str], cm: Sequence[Sequence[int]], split: str) -> None:
+    """A heat map of a confusion matrix (rows true, columns predicted) with the counts written in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,5 +60,5 @@ def save_confusion(run_dir: Path, split: str, cm: Sequence[Sequence[int]], label
             ax.text(j, i, cm[i][j], ha="center", va="center", color="white" if cm[i][j] > peak / 2 else "black")
     ax.set_title(f"confusion matrix ({split})")
     fig.tight_layout()
-    fig.savefig(run_dir / f"confusion_{split}.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

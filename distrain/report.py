@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distrain.classification import plot_confusion
 from distrain.config import ConfigError
 
 OWN_PREFIX = "report_"  # PNGs this module writes into report/; every other PNG in the run dir is the recipe's
@@ -103,25 +104,6 @@ def _line_panels(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str,
     return True
 
 
-def _confusion_png(path: Path, labels: list[str], matrix: list[list[int]], split: str) -> None:
-    plt = _pyplot()
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * n, 1.2 + 0.6 * n))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    peak = max((max(r) for r in matrix), default=1) or 1
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, matrix[i][j], ha="center", va="center", color="white" if matrix[i][j] > peak / 2 else "black")
-    ax.set_title(f"confusion matrix ({split})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def per_class_table(labels: list[str], matrix: list[list[int]]) -> list[list[str]]:
     """Rows of class, support, precision, recall, F1 from a confusion matrix (rows true, columns predicted)."""
     n = len(labels)
@@ -205,7 +187,7 @@ def _confusion_blocks(run_dir: Path, out_dir: Path) -> list[Block]:
         data = json.loads(path.read_text())
         labels, matrix = [str(x) for x in data["labels"]], data["matrix"]
         img = out_dir / f"{OWN_PREFIX}confusion_{split}.png"
-        _confusion_png(img, labels, matrix, split)
+        plot_confusion(img, labels, matrix, split)
         blocks += [
             ("h", f"Classes ({split})"),
             ("img", (img, f"confusion matrix on {split}: rows true, columns predicted")),
