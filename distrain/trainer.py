@@ -496,6 +496,7 @@ class Trainer:
             local = self.backend.local_state_dict(self.model)
             save_weights({k: _local(v) for k, v in local.items()}, self.run_dir / f"rank_{self.rank}.safetensors")
         if exit_code:
+            self._close_trackers()
             self.accelerator.wait_for_everyone()
             return {"exit_code": exit_code, "step": s.step}
         test_metrics: dict[str, Any] = {}
@@ -533,8 +534,14 @@ class Trainer:
         if self.rank == 0:
             write_json(self.run_dir / "summary.json", summary)
             log.info("done in %.1f s; summary in %s", wall, self.run_dir / "summary.json")
-        self.accelerator.end_training()
+        self._close_trackers()
         return summary
+
+    def _close_trackers(self) -> None:
+        # Not accelerator.end_training(): it also destroys the process group while other ranks may
+        # still be writing, which aborts gloo ranks; cli.leave_process_group ends multi-process runs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
