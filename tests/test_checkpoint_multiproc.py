@@ -116,21 +116,25 @@ def test_fsdp_exact_resume_and_reshard_to_one_process_and_ddp(runs):
 @pytest.mark.slow
 def test_deepspeed_checkpoints_resume_across_zero_stages_and_backends(runs):
     root = runs["root"]
-    z2, z3 = root / "z2", root / "z3"
+    z1, z2, z3 = root / "z1", root / "z2", root / "z3"
     run_distrain([*CFG, f"output_dir={z2}"], "cpu_zero2")
     launch_all(
         ([*CFG, f"output_dir={root / 'z2_resumed'}", ckpt(z2, 10)], "cpu_zero2"),
         ([*CFG, f"output_dir={z3}", ckpt(z2, 10)], "cpu_zero3"),
+        ([*CFG, f"output_dir={z1}", ckpt(z2, 10)], "cpu_zero1"),
     )
     assert_exact(z2, root / "z2_resumed", 11, 30)
     assert_same_weights(weights(root / "z2_resumed"), weights(z2))
     assert_close(z2, z3, 11, 30)
+    assert_close(z2, z1, 11, 30)
     launch_all(
         ([*CFG, f"output_dir={root / 'z3_resumed'}", ckpt(z3, 20)], "cpu_zero3"),
         ([*CFG, f"output_dir={root / 'z3_to_ddp'}", ckpt(z3, 20)], "cpu_ddp"),
+        ([*CFG, f"output_dir={root / 'z1_resumed'}", ckpt(z1, 20)], "cpu_zero1"),
     )
     assert_exact(z3, root / "z3_resumed", 21, 30)
     assert_close(z3, root / "z3_to_ddp", 21, 30)
+    assert_exact(z1, root / "z1_resumed", 21, 30)
     out = export(z3, root / "z3_export")  # ZeRO-3 partitions consolidated
     assert_same_weights(load_weights_dir(out), weights(z3))
 

@@ -199,3 +199,32 @@ def test_trackers_tensorboard_and_wandb_offline(tmp_path):
     for path in (tmp_path / "keyed").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_early_stopping_stops_after_patience_evaluations(tmp_path):
+    """With a learning rate of ~0 the validation loss cannot improve by min_delta: the first
+    evaluation is the best and the run stops `patience` evaluations later."""
+    out = tmp_path / "run"
+    run_distrain([*TINY_HAR, f"output_dir={out}", "optim.lr=1e-12", "train.max_steps=50", "train.eval_every=2",
+                  "train.metric=loss", "train.mode=min", "train.patience=3", "train.min_delta=0.01"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True
+    assert summary["best_step"] == 2 and summary["steps"] == 8
+    assert [r["step"] for r in metrics_rows(out) if "val/loss" in r] == [2, 4, 6, 8]
+
+
+def test_freeze_encoder_trains_only_the_head(tmp_path):
+    out = tmp_path / "run"
+    proc = run_distrain([*TINY_HAR, f"output_dir={out}", "train.max_steps=3", "model.freeze_encoder=true",
+                         "optim.weight_decay=0"])
+    assert "trainable" in proc.stderr
+    sys.path.insert(0, str(REPO))
+    from distrain.recipe import resolve_config
+
+    cfg, recipe = resolve_config([*TINY_HAR, "model.freeze_encoder=true"])
+    torch.manual_seed(0)  # the trainer seeds the same way before building the model
+    initial = recipe.build_model(cfg).state_dict()
+    final = weights(out)
+    for name, value in final.items():
+        changed = not torch.equal(value, initial[name])
+        assert changed == name.startswith("head."), name
