@@ -20,16 +20,11 @@ import torch.nn as nn
 import yaml
 from accelerate import Accelerator
 
-from distrain.backends import (
-    Backend,
-    DeepSpeedBackend,
-    FSDPBackend,
-    LaunchError,
-    fill_deepspeed_config,
-    select_backend,
-)
+from distrain.backends import Backend, LaunchError, select_backend
 from distrain.config import Config, ConfigError
+from distrain.fsdp import FSDPBackend
 from distrain.recipe import resolve_config
+from distrain.zero import DeepSpeedBackend, fill_deepspeed_config
 
 from helpers import REPO, TINY_HAR, metrics_rows, run_distrain, weights
 

@@ -1,0 +1,304 @@
+"""DeepSpeed ZeRO-1/2/3 through accelerate, with its config filled from distrain's own."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from distrain.backends import LOW_PRECISION, Backend, LaunchError, dtype_name
+from distrain.config import Config, ConfigError
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO 1/2/3 through accelerate, with distrain's own optimizer and LR schedule.
+
+    distrain fills the DeepSpeed config's "auto" fields (micro batch, accumulation, train
+    batch, clipping, precision) from its config; a value a user JSON sets that contradicts
+    distrain's is an error naming both. The optimizer is distrain's torch optimizer (DeepSpeed's
+    client optimizer, also when the optimizer state is offloaded), and the LR
+    schedule is distrain's, stepped once per optimizer step. The engine clips and steps in
+    one call, which distrain makes at `clip_grad_norm` (the norm is only known there).
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = ()):
+        super().__init__(accelerator, cfg, shard_blocks)
+        plugin = accelerator.state.deepspeed_plugin
+        self.ds_config: dict[str, Any] = plugin.deepspeed_config
+        fill_deepspeed_config(self.ds_config, cfg, self.world_size, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.name = f"deepspeed_zero{self.stage}"
+        zero = self.ds_config.get("zero_optimization", {})
+        self.offload_optimizer = str(zero.get("offload_optimizer", {}).get("device", "none")).lower()
+        self.offload_param = str(zero.get("offload_param", {}).get("device", "none")).lower()
+        self.engine: Any = None  # the DeepSpeedEngine, for checkpointing
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        if self.offload_optimizer in ("cpu", "nvme"):
+            # distrain's torch optimizer steps the offloaded fp32 copy. DeepSpeedCPUAdam would be
+            # faster on large models, but with the same hyper-parameters it gave 2% different
+            # losses after one step here, and "the numbers do not change" comes first.
+            self.ds_config["zero_force_ds_cpu_optimizer"] = False
+        low = LOW_PRECISION.get(self.cfg.precision)
+        if low is not None:  # the engine holds low-precision weights and does not autocast: cast inputs
+            model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=low), with_kwargs=True)
+        engine, optimizer = self.accelerator.prepare(model, optimizer)
+        self.engine = engine
+        return engine, optimizer
+
+    def verify(self, model: torch.nn.Module) -> None:
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(model, DeepSpeedEngine):
+            raise LaunchError(f"DeepSpeed was asked for but the model is a {type(model).__name__}, not an engine")
+        stage = model.zero_optimization_stage()
+        if stage != self.stage:
+            raise LaunchError(f"DeepSpeed ZeRO stage {self.stage} was asked for but the engine runs stage {stage}")
+        if model.dp_world_size != self.world_size:
+            raise LaunchError(f"DeepSpeed data-parallel size {model.dp_world_size} != {self.world_size} processes")
+
+    def sync_context(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        # The engine reduces gradients only at the boundary; distrain marks it itself and steps once.
+        model.set_gradient_accumulation_boundary(sync)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # distrain's loss factor already divides by the step's global sample count.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """The engine clips (gradient_clipping = train.clip_norm) and steps here; returns the pre-clip norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        optimizer.step()  # accelerate's wrapper: a no-op that tells the LR schedule a step happened
+        return bool(self.engine.was_step_applied())
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 master weights, gathered from the ZeRO partitions (every rank must call it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, t in self.unwrap(model).state_dict(keep_vars=True).items():
+            full = safe_get_full_fp32_param(t) if isinstance(t, torch.nn.Parameter) else None
+            out[name] = (full if full is not None else t).detach().to("cpu", copy=True)
+        return out
+
+    def local_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return self.full_state_dict(model)  # fp32 copies; ZeRO partitions have no public per-rank view
+
+    def load_local_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for name, t in self.unwrap(model).state_dict(keep_vars=True).items():
+            value = state[name].to(self.accelerator.device)
+            if not isinstance(t, torch.nn.Parameter):
+                t.data.copy_(value)
+                continue
+            # the fp32 master copy the optimizer steps (ZeRO-3's full setter mis-slices uneven partitions)
+            if self.stage == 3:
+                safe_set_local_fp32_param(t, zero3_partition(t, value))
+            else:
+                safe_set_full_fp32_param(t, value)
+            # and the weights the forward uses, which DeepSpeed keeps apart (partitioned under ZeRO-3)
+            gather = GatheredParameters([t], modifier_rank=0) if self.stage == 3 else contextlib.nullcontext()
+            with gather, torch.no_grad():
+                t.data.copy_(value.to(t.dtype))
+
+    # -- checkpoints: full fp32 weights and Adam moments gathered from the ZeRO partitions, in the
+    # same layout DCP gives for a plain model, so ZeRO checkpoints load under any backend and back.
+    def _named_groups(self, module: torch.nn.Module) -> list[list[str]]:
+        names = {id(p): n for n, p in module.named_parameters()}
+        zero = self.engine.optimizer
+        groups = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
+        if groups is None:
+            raise ConfigError(f"checkpoints under DeepSpeed ZeRO-{self.stage} with this optimizer are not supported")
+        return [[names[id(p)] for p in g] for g in groups]
+
+    def _linked_optimizer_state(self) -> torch.optim.Optimizer:
+        """The torch optimizer stepping the fp32 partitions, with its state created and linked to the
+        parameters (ZeRO-1/2 link lazily and can miss state that torch creates at the first step)."""
+        base = self.engine.optimizer.optimizer
+        zero = self.engine.optimizer
+        if self.stage == 3:  # groups hold their fp32 partition only while ZeRO-3 steps; same zero step per group
+            for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+                if base.state.get(flat):
+                    continue
+                group = base.param_groups[zero.sub_group_to_group_id[i]]
+                params, lr = group["params"], group["lr"]
+                group["params"], group["lr"], flat.grad = [flat], 0.0, torch.zeros_like(flat)
+                base.step()
+                group["params"], group["lr"], flat.grad = params, lr, None
+        elif not base.state:  # not stepped yet: create the state with a zero-lr, zero-grad step (as DCP does)
+            lrs = [g["lr"] for g in base.param_groups]
+            for g in base.param_groups:
+                g["lr"] = 0.0
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            base.step()
+            for g, lr in zip(base.param_groups, lrs, strict=True):
+                g["lr"] = lr
+                for p in g["params"]:
+                    p.grad = None
+        if hasattr(self.engine.optimizer, "_hp_optimizer_states_linked"):
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        return base
+
+    def _set_full(self, p: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """Set a parameter's fp32 master copy (key None) or its optimizer state `key` from the full value,
+        and the working (low-precision) copy too, which DeepSpeed's safe_set_* leave stale."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.engine.optimizer
+        if self.stage == 3:  # safe_set_* fail on the padded last partition; write this rank's slice directly
+            part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+            n = part.numel()
+            piece = value.flatten()[n * zero._get_param_partition_rank(p) :][:n]
+            with torch.no_grad():  # in-place writes into leaf partitions
+                part.view(-1)[: piece.numel()].copy_(piece)
+                if key is None:
+                    p.ds_tensor.data.view(-1)[: piece.numel()].copy_(piece)
+        elif key is None:
+            safe_set_full_fp32_param(p, value)
+            p.data.copy_(value.view_as(p))
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+
+    def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        module = self.unwrap(model)
+        model_state = self.full_state_dict(model)
+        base = self._linked_optimizer_state()
+        steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+        keys = sorted({k for s in base.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)})
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in module.named_parameters():
+            entries = {k: v.detach().to("cpu", copy=True) for k in keys
+                       if (v := safe_get_full_optimizer_state(p, k)) is not None}  # fmt: skip
+            if entries and steps:
+                entries["step"] = torch.tensor(max(steps))
+            if entries:
+                state[name] = entries
+        named = self._named_groups(module)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                  for g, names in zip(self.engine.optimizer.param_groups, named, strict=True)]  # fmt: skip
+        return model_state, {"state": state, "param_groups": groups}
+
+    def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
+                              optim_state: dict[str, Any]) -> None:  # fmt: skip
+        module = self.unwrap(model)
+        self._linked_optimizer_state()
+        params = dict(module.named_parameters())
+        for name, t in module.state_dict(keep_vars=True).items():
+            if name not in params:
+                t.data.copy_(model_state[name])
+        for name, p in params.items():
+            self._set_full(p, model_state[name].to(self.accelerator.device))
+            for key, value in optim_state["state"].get(name, {}).items():
+                if key != "step":
+                    self._set_full(p, value.to(self.accelerator.device), key)
+        steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
+        for s in self.engine.optimizer.optimizer.state.values():
+            if "step" in s and steps:
+                s["step"] = torch.full_like(s["step"], max(steps)) if torch.is_tensor(s["step"]) else int(max(steps))
+        for group, saved in zip(self.engine.optimizer.param_groups, optim_state["param_groups"], strict=False):
+            group.update({k: v for k, v in saved.items() if k != "params" and k in group})
+
+    def plan(self, model: torch.nn.Module) -> list[tuple[str, str]]:
+        module = self.unwrap(model)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        what = {0: "nothing (DDP-like)", 1: "optimizer state", 2: "optimizer state + gradients",
+                3: "optimizer state + gradients + parameters"}[self.stage]  # fmt: skip
+        per_rank = (
+            f"{sum(p.ds_tensor.numel() for p in module.parameters()):,} (params partitioned)"
+            if self.stage == 3 else f"{total:,} params (optimizer state: ~{total // self.world_size:,})"
+        )
+        weights = dtype_name(LOW_PRECISION.get(self.cfg.precision, torch.float32))
+        offload = [f"{w} -> {d}" for w, d in (("optimizer", self.offload_optimizer), ("params", self.offload_param))
+                   if d not in ("none", "")]  # fmt: skip
+        return [
+            ("sharding", f"DeepSpeed ZeRO-{self.stage}: {what} partitioned over {self.world_size} ranks"),
+            ("params per rank", per_rank),
+            ("ds precision", f"params {weights}, master weights fp32, clip {self.ds_config.get('gradient_clipping')}"
+             + (f", offload {', '.join(offload)}" if offload else "")),
+        ]
+
+
+def zero3_partition(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full tensor, laid out as ZeRO-3 partitions `param` (padded at the end)."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()  # type: ignore[attr-defined]
+    flat = full.flatten()
+    flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size() - flat.numel())])
+    return flat.narrow(0, size * dist.get_rank(), size)
+
+
+def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, source: str | None = None) -> None:
+    """Fill DeepSpeed's "auto" (or missing) fields from distrain's config, in place.
+
+    A concrete value that contradicts distrain's is a ConfigError naming both (one source of
+    truth: pitfalls item 7). `source` names the user's JSON in the message.
+    """
+    where = f"DeepSpeed config {source}" if source and source != "none" else "DeepSpeed config"
+    for block, keys in (("optimizer", "optim.*"), ("scheduler", "sched.*")):
+        if block in ds:
+            raise ConfigError(
+                f"{where} has an '{block}' block; distrain builds the {block} from {keys}: remove the block"
+            )
+    micro, accum = int(cfg.data.batch_size), cfg.train.grad_accum
+    wanted: list[tuple[str, Any, str, Any]] = [
+        ("train_micro_batch_size_per_gpu", micro, "data.batch_size", micro),
+        ("gradient_accumulation_steps", accum, "train.grad_accum", accum),
+        ("train_batch_size", micro * accum * world_size, "data.batch_size x train.grad_accum x processes",
+         micro * accum * world_size),
+        ("gradient_clipping", cfg.train.clip_norm, "train.clip_norm", cfg.train.clip_norm),
+        ("bf16.enabled", cfg.precision == "bf16", "precision", cfg.precision),
+        ("fp16.enabled", cfg.precision == "fp16", "precision", cfg.precision),
+    ]  # fmt: skip
+    for key, value, theirs, shown in wanted:
+        node, leaf = ds, key
+        if "." in key:
+            head, leaf = key.split(".")
+            node = ds.setdefault(head, {})
+        current = node.get(leaf, "auto")
+        if current == "auto" or current is None:
+            node[leaf] = value
+        elif _differs(current, value):
+            raise ConfigError(
+                f"{where} sets {key}={current!r} but distrain has {theirs}={shown!r}; "
+                f'set {key} to "auto" (distrain fills it) or change {theirs}'
+            )
+    if ds["gradient_clipping"] == 0:
+        ds["gradient_clipping"] = 0.0  # DeepSpeed: 0 disables clipping, as train.clip_norm=0 does
+
+
+def _differs(current: Any, value: Any) -> bool:
+    if isinstance(value, bool):
+        return str(current).lower() != str(value).lower()
+    try:
+        return float(current) != float(value)
+    except (TypeError, ValueError):
+        return True
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    from torch.utils._pytree import tree_map
+
+    def cast(x: Any) -> Any:
+        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+
+    return tree_map(cast, args), tree_map(cast, kwargs)
+
