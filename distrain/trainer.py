@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from distrain import checkpoint
+from distrain import checkpoint, trainer_checkpoint
 from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
 from distrain.config import Config, ConfigError, to_plain
 from distrain.data import (
@@ -179,7 +179,7 @@ class Trainer:
         self._last_saved_step = -1
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
         try:
-            self.resumed_from = checkpoint.resume(self) if cfg.resume else None
+            self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
         except ConfigError:
             if self.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # created just above: a refused resume leaves nothing behind
@@ -213,7 +213,7 @@ class Trainer:
     def _save_step(self) -> None:
         """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
         if self._last_saved_step != self.state.step:
-            checkpoint.save(self, checkpoint.step_name(self.state.step))
+            trainer_checkpoint.save(self, checkpoint.step_name(self.state.step))
             self._last_saved_step = self.state.step
 
     def plan_text(self) -> str:
@@ -344,7 +344,7 @@ class Trainer:
             s.best_metric, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch, 0
             self.best_weights = self.backend.local_state_dict(self.model)
             if self.cfg.ckpt.save_best:
-                checkpoint.save(self, "best")
+                trainer_checkpoint.save(self, "best")
         else:
             s.bad_evals += 1
             if t.patience and s.bad_evals >= t.patience:

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from distrain import checkpoint as ck
+from distrain import trainer_checkpoint
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
 
@@ -29,7 +30,7 @@ def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
 def main() -> None:
     cfg, recipe = resolve_config(sys.argv[1:])
     trainer = Trainer(cfg, recipe)
-    path = ck.save(trainer, ck.step_name(0))
+    path = trainer_checkpoint.save(trainer, ck.step_name(0))
     saved = snapshot(trainer)
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     with torch.no_grad():  # perturb everything the checkpoint holds

@@ -1,0 +1,140 @@
+"""Checkpointing a Trainer: what its state is, saving it at a step boundary, and resuming from one.
+
+The file format, atomic writes, verification and loading live in distrain/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distrain.checkpoint import (
+    INDEX,
+    STATE,
+    CheckpointError,
+    check_fits,
+    choose,
+    config_hash,
+    load_rng,
+    load_states,
+    read_json,
+    save_checkpoint,
+    verify,
+    versions,
+)
+
+log = logging.getLogger("distrain")
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """What trainer_state.json holds for a Trainer at a step boundary."""
+    import dataclasses
+
+    from distrain.config import to_plain
+
+    sched = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    s = trainer.state
+    return {
+        "step": s.step,
+        "epoch": s.epoch,
+        "consumed": s.consumed,
+        "train_state": dataclasses.asdict(s),
+        "scheduler": sched,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "world_size": trainer.world_size,
+        "backend": trainer.backend.name,
+        "global_batch": trainer.plan.global_batch,
+        "recipe": trainer.recipe.name,
+        "config_hash": config_hash(to_plain(trainer.cfg)),
+        "versions": versions(),
+    }
+
+
+def save(trainer: Any, name: str) -> Path:
+    """Save a Trainer's full state as checkpoint `name`; all ranks call it at the same step boundary."""
+    import yaml
+
+    from distrain.config import to_plain
+
+    model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
+    keep = trainer.cfg.ckpt.keep_last if name.startswith("step_") else None
+    path = save_checkpoint(trainer.run_dir, name, model_state, optim_state, trainer_state(trainer),
+                           yaml.safe_dump(to_plain(trainer.cfg), sort_keys=False), trainer.rank,
+                           trainer.world_size, keep_last=keep)  # fmt: skip
+    log.info("checkpoint saved: %s", path)
+    return path
+
+
+def resume(trainer: Any) -> Path | None:
+    """Restore a Trainer from `resume=auto|<path>`: weights, optimizer, schedule, scaler, RNG, position.
+
+    Runs before anything is written to the run dir, so a checkpoint that does not fit raises
+    CheckpointError (exit 2) and leaves the run dir as it was.
+    """
+    import dataclasses
+
+    from distrain.config import to_plain
+
+    cfg = trainer.cfg
+    if cfg.resume == "auto" and not cfg.output_dir:
+        raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
+    path = choose(str(cfg.resume), trainer.run_dir, trainer.rank)
+    if path is None:
+        log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
+        return None
+    index, state = read_json(path / INDEX), read_json(path / STATE)
+    model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
+    check_fits(path, index, state, model_state, trainer.recipe.name)
+    model_values, optim_values = load_states(path, model_state, optim_state)
+    best_values = _best_values(path, state, model_state)
+    if best_values is not None:  # rebuild the in-memory best snapshot the interrupted run had
+        trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, optim_values)
+        trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+    trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
+    if state["train_state"].get("best_step") == state["train_state"].get("step"):
+        trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+
+    fields = {f.name for f in dataclasses.fields(trainer.state)}
+    trainer.state = type(trainer.state)(**{k: v for k, v in state["train_state"].items() if k in fields})
+    sched = trainer.scheduler
+    sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
+    # The schedule is a pure function of the step: recompute the lr from the (maybe longer) new
+    # schedule, the same expression LambdaLR uses, so an unchanged config gives identical values.
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if state.get("world_size") == trainer.world_size:
+        load_rng(path, trainer.rank)
+    else:  # per-rank streams cannot be mapped onto another world size: fresh, step-dependent ones
+        seed = cfg.train.seed + 7919 * (trainer.rank + 1) + 104729 * trainer.state.step
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+    if state.get("config_hash") != config_hash(to_plain(cfg)):
+        log.warning("resuming %s with changed settings (besides max_steps/logging/checkpointing)", path)
+    trainer._last_saved_step = trainer.state.step if path.name.startswith("step_") else -1
+    return path
+
+
+def _best_values(path: Path, state: dict[str, Any], model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The best/ checkpoint's weights laid out like `model_state`, when it holds the run's best step."""
+    best_step = state["train_state"].get("best_step", -1)
+    best = path.parent / "best"
+    if path.name == "best" or best_step in (-1, state["train_state"].get("step")):
+        return None
+    try:
+        if read_json(best / STATE).get("step") != best_step:
+            return None
+        verify(best)
+    except CheckpointError:
+        return None
+    return load_states(best, model_state, None)[0]
