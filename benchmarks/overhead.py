@@ -43,8 +43,9 @@ def setup(batch: int, steps: int):
     train = ArrayDataset(splits.train)
     plan = BatchPlan(num_samples=len(train), micro_batch=batch, grad_accum=1, world_size=1, rank=0, seed=SEED)
     if steps > plan.steps_per_epoch:  # later batches would be short or empty: the loops would not compare
-        raise SystemExit(f"error: --steps={steps} exceeds the {plan.steps_per_epoch} full batches of epoch 0 "
-                         f"at --batch={batch}")  # fmt: skip
+        print(f"error: --steps={steps} exceeds the {plan.steps_per_epoch} full batches of epoch 0 at --batch={batch}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     order = plan.order(0)
     batches = [order[i * batch : (i + 1) * batch].tolist() for i in range(steps)]  # epoch 0, as distrain takes it
     return cfg, recipe, train, batches
