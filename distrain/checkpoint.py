@@ -596,25 +596,3 @@ def full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {k.removeprefix("model."): reader.read(k).clone() for k in index["tensors"] if k.startswith("model.")}
     finally:
         reader.close()
-
-
-def choose(resume: str, run_dir: Path, rank: int) -> Path | None:
-    """Rank 0 picks and verifies the checkpoint to resume from; every rank gets the same answer."""
-    answer: list[Any] = [None]
-    if rank == 0:
-        try:
-            if resume == "auto":
-                found = find_resumable(run_dir)
-                answer = [("ok", str(found) if found else None)]
-            else:
-                p = resolve(resume)
-                verify(p)
-                answer = [("ok", str(p))]
-        except CheckpointError as e:
-            answer = [("error", str(e))]
-    if _is_dist():
-        dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]  # type: ignore[misc]
-    if kind == "error":
-        raise CheckpointError(value)
-    return Path(value) if value else None

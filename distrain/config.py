@@ -139,9 +139,6 @@ class Config:
     log: LogConfig = opt(LogConfig(), "logging")
     ckpt: CkptConfig = opt(CkptConfig(), "checkpointing")
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
 
 def to_plain(obj: Any) -> Any:
     """Dataclasses -> dicts, tuples -> lists: what config.yaml holds."""

@@ -108,9 +108,12 @@ class BatchPlan:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     def step_samples(self, order: np.ndarray, consumed: int) -> np.ndarray:
-        """Global sample indices of the optimizer step that starts `consumed` samples into the epoch."""
+        """Global sample indices of the optimizer step that starts `consumed` samples into the epoch;
+        empty when the epoch has no further step (a short tail is dropped with drop_last, or when it
+        cannot give every rank and micro-step a sample)."""
         idx = order[consumed : consumed + self.global_batch]
-        return idx if len(idx) >= self.chunks else idx[:0]
+        short = len(idx) < self.chunks or (self.drop_last and len(idx) < self.global_batch)
+        return idx[:0] if short else idx
 
     def micro_batches(self, step_idx: np.ndarray) -> list[np.ndarray]:
         """This rank's micro-batches of one step; chunk m*world+r goes to micro-step m on rank r."""
@@ -134,7 +137,7 @@ class TrainBatchSampler(Sampler):
         consumed = self.consumed
         while True:
             step_idx = self.plan.step_samples(order, consumed)
-            if len(step_idx) == 0 or (self.plan.drop_last and len(step_idx) < self.plan.global_batch):
+            if len(step_idx) == 0:
                 return
             for part in self.plan.micro_batches(step_idx):
                 batch = BatchIndices(part.tolist())

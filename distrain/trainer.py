@@ -69,7 +69,6 @@ class TrainState:
     bad_steps: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -404,7 +403,7 @@ class Trainer:
         window = Window()
         while True:
             step_idx = self.plan.step_samples(order, s.consumed)
-            if len(step_idx) == 0 or (self.plan.drop_last and len(step_idx) < self.plan.global_batch):
+            if len(step_idx) == 0:
                 return True
             if s.step >= self.total_steps or s.stopped_early:
                 return False

@@ -18,17 +18,40 @@ from distrain.checkpoint import (
     STATE,
     CheckpointError,
     check_fits,
-    choose,
     config_hash,
+    find_resumable,
     load_rng,
     load_states,
     read_json,
+    resolve,
     save_checkpoint,
     verify,
     versions,
 )
 
 log = logging.getLogger("distrain")
+
+
+def choose(resume: str, run_dir: Path, rank: int) -> Path | None:
+    """Rank 0 picks and verifies the checkpoint to resume from; every rank gets the same answer."""
+    answer: list[Any] = [None]
+    if rank == 0:
+        try:
+            if resume == "auto":
+                found = find_resumable(run_dir)
+                answer = [("ok", str(found) if found else None)]
+            else:
+                p = resolve(resume)
+                verify(p)
+                answer = [("ok", str(p))]
+        except CheckpointError as e:
+            answer = [("error", str(e))]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]  # type: ignore[misc]
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value) if value else None
 
 
 def trainer_state(trainer: Any) -> dict[str, Any]:
