@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distrain import checkpoint as ck
+from distrain.trainer_checkpoint import choose
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[type, ...]]:
@@ -87,8 +88,6 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model, blocks = build(name)
     if backend == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -100,20 +99,20 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = with_optimizer_state(model)
+    module = model.module if backend == "ddp" else model  # what Backend.unwrap gives
     run_dir = Path(tmp) / f"{name}-{backend}"
     save_t, load_t = [], []
     for r in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
-        msd, osd = get_state_dict(model, opt)
+        msd, osd = ck.live_states(module, opt)
         path = ck.save_checkpoint(run_dir, ck.step_name(r + 1), msd, osd, {"step": r + 1}, "{}\n", rank, world)
         save_t.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        chosen = ck.choose(str(path), run_dir, rank)  # rank 0 verifies every checksum
-        tm, to = get_state_dict(model, opt)
-        lm, lo = ck.load_states(chosen, tm, to)
-        set_state_dict(model, opt, model_state_dict=lm, optim_state_dict=lo)
+        chosen = choose(str(path), run_dir, rank)  # rank 0 verifies every checksum
+        lm, lo = ck.load_states(chosen, *ck.live_states(module, opt))  # in place, into the live tensors
+        ck.set_live_states(module, opt, lm, lo)
         dist.barrier()
         load_t.append(time.perf_counter() - t0)
         if rank == 0:

@@ -173,7 +173,13 @@ class Backend:
             block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        return model, self.plain_optimizer(optimizer)
+
+    def plain_optimizer(self, optimizer: Any) -> Any:
+        """The torch optimizer itself unless the fp16 grad scaler needs accelerate's wrapper, whose
+        step re-checks its configuration every call (two package look-ups on the file system)."""
+        return optimizer if self.accelerator.scaler is not None else getattr(optimizer, "optimizer", optimizer)
 
     def verify(self, model: torch.nn.Module) -> None:
         wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -191,18 +197,24 @@ class Backend:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(model)
 
+    # The hot path calls torch directly: accelerate's backward and clip_grad_norm_ re-check their
+    # configuration on every call (an extra loss division, version parsing). accelerate still
+    # owns what needs it: the fp16 grad scaler.
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        scaler = self.accelerator.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0: only measure) and return the global norm before clipping."""
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        if self.accelerator.scaler is not None:
+            self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step and zero the grads; False when the grad scaler skipped the step (fp16 overflow)."""
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return not self.accelerator.optimizer_step_was_skipped
+        return self.accelerator.scaler is None or not self.accelerator.optimizer_step_was_skipped
 
     # -- weights
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -224,23 +236,20 @@ class Backend:
     def load_local_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         self.unwrap(model).load_state_dict(state)
 
-    # -- checkpoints (distrain.checkpoint writes and reads these; DCP's state_dict API covers
-    # plain, DDP and FSDP2 models: keys are parameter names, FSDP2 values are DTensor shards)
+    # -- checkpoints (distrain.checkpoint writes and reads these): the live tensors, keyed by
+    # parameter name (plain under DDP, DTensor shards under FSDP2), so no extra copy is made.
     def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(model state, optimizer state keyed by parameter name) as this rank holds them.
+        """(model state, optimizer state keyed by parameter name) as this rank holds them."""
+        from distrain.checkpoint import live_states
 
-        On an optimizer that has not stepped yet, DCP first creates its state (a zero-lr step).
-        """
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        return get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+        return live_states(self.unwrap(model), getattr(optimizer, "optimizer", optimizer))
 
     def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
-                              optim_state: dict[str, Any]) -> None:  # fmt: skip
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+                              optim_state: dict[str, Any] | None) -> None:  # fmt: skip
+        """Put values laid out like checkpoint_state's into the live model (and optimizer)."""
+        from distrain.checkpoint import set_live_states
 
-        set_state_dict(model, getattr(optimizer, "optimizer", optimizer), model_state_dict=model_state,
-                       optim_state_dict=optim_state)  # fmt: skip
+        set_live_states(self.unwrap(model), getattr(optimizer, "optimizer", optimizer), model_state, optim_state)
 
     def plan(self, model: torch.nn.Module) -> list[tuple[str, str]]:
         total, _ = count_params(self.unwrap(model))
@@ -284,3 +293,4 @@ def iter_named_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> I
     for module in model.modules():
         if type(module).__name__ in class_names:
             yield module
+

@@ -2,10 +2,10 @@
 
 Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
-    model-<rank>.safetensors   this rank's pieces of the model state (DTensor shards under FSDP2;
-                               replicated tensors are split between ranks so all ranks write)
-    optim-<rank>.safetensors   the same for the optimizer state, keyed by parameter name
-    rng-<rank>.safetensors     this rank's RNG states (torch, CUDA, numpy, python) as uint8/int64
+    shard-<rank>.safetensors   what this rank writes: its pieces of the model state (`model.*`:
+                               DTensor shards under FSDP2; replicated tensors are split between
+                               ranks so all ranks write), the same for the optimizer state
+                               (`optim.*`, keyed by parameter name), and its RNG states (`rng.*`)
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
                                file -> xxh3-128 checksum and size; optimizer param groups
     trainer_state.json         step, epoch, samples consumed, scheduler, grad scaler, best metric,
@@ -15,13 +15,15 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
 Ranks write into `checkpoints/.tmp-<name>`, fsync, rank 0 renames it into place, writes
 COMPLETE, then points `checkpoints/latest` at it; older checkpoints are deleted only after that.
-Loading reads each target tensor's region from the pieces that overlap it, so a checkpoint
-saved on any number of ranks, under DDP or FSDP2, loads into any other layout. No pickle:
-tensors are safetensors, everything else JSON.
+Loading copies each target tensor's region, read from the pieces that overlap it, into the live
+tensor, so a checkpoint saved on any number of ranks, under DDP or FSDP2, loads into any other
+layout without a second copy of the state in memory. No pickle: tensors are safetensors,
+everything else JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +33,7 @@ import random
 import shutil
 import signal
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from distrain.config import ConfigError
 log = logging.getLogger("distrain")
 
 FORMAT = "distrain-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: one shard file per rank (model, optimizer and RNG state together)
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -70,13 +73,12 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}.safetensors"
+
+
 def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
 
 
 def _crash_point(stage: str, rank: int, step: int) -> None:
@@ -89,14 +91,17 @@ def _crash_point(stage: str, rank: int, step: int) -> None:
 
 
 def file_checksum(path: str | os.PathLike) -> str:
-    """xxh3-128 of a file (about 10 GB/s, so verifying at every load is cheap)."""
+    """xxh3-128 of a file, hashed through a memory map (3x faster than reading it in chunks:
+    0.04 s for 600 MB in the page cache here), so verifying at every load is cheap."""
+    import mmap
+
     import xxhash
 
-    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return xxhash.xxh3_128(m).hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -112,14 +117,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic small-file write: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_files(folder: Path, texts: dict[str, str]) -> None:
+    """Write and flush small files inside a folder that is itself renamed into place later."""
+    for name, text in texts.items():
+        with open(folder / name, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+_WRITER: ThreadPoolExecutor | None = None
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync files concurrently: the file system commits them together (measured here: three
+    small files in 0.7 ms, against 1.4 ms one after another)."""
+    for f in [_in_thread(_fsync_file, p) for p in paths]:
+        f.result()
+
+
+def _in_thread(fn: Any, *args: Any) -> Future:
+    """Run fn on a background writer thread (file writes release the GIL, and concurrent fsyncs
+    share a journal commit), returning its future. The thread is kept: starting one per save
+    costs about a millisecond on a busy machine."""
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="distrain-ckpt")
+    return _WRITER.submit(fn, *args)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Atomically replace `latest` (temp file, rename). Not fsynced: it is a pointer for people and
+    tools, resume=auto scans for COMPLETE folders instead, so after a power cut the worst case is
+    that it still names the previous checkpoint."""
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -209,15 +242,85 @@ def unflatten_optim(
     return {"state": state, "param_groups": groups or extra["param_groups"]}
 
 
+# ---------------------------------------------------------------- live states
+
+
+def live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A module's and its optimizer's state as the tensors they hold, keyed by parameter name.
+
+    The layout of DCP's get_state_dict (plain tensors, or DTensor shards under FSDP2; optimizer
+    state {"state": {name: {...}}, "param_groups": [...]}) without its per-call bookkeeping,
+    which costs milliseconds and dominates small checkpoints. An optimizer that has not stepped
+    yet gets its state first (a zero-lr step, as DCP does).
+    """
+    if not optimizer.state:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(optimizer)
+    names = {id(p): n for n, p in module.named_parameters()}
+    state = {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]  # fmt: skip
+    return module.state_dict(), {"state": state, "param_groups": groups}
+
+
+def set_live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optim_state: dict[str, Any] | None) -> None:  # fmt: skip
+    """Copy states laid out like live_states' into the module (and optimizer); no-op on themselves."""
+    with torch.no_grad():
+        live = dict(module.named_parameters())
+        live.update(module.named_buffers())
+        if set(model_state) - set(live):  # extra state a module saves itself: state_dict has it all
+            live = module.state_dict()
+        for key, t in live.items():
+            if key in model_state:
+                _copy_local(t, model_state[key])
+        if optim_state is None:
+            return
+        params = dict(module.named_parameters())
+        for name, entries in optim_state["state"].items():
+            live_state = optimizer.state[params[name]]
+            for key, value in entries.items():
+                if torch.is_tensor(value) and torch.is_tensor(live_state.get(key)):
+                    _copy_local(live_state[key], value)
+                else:
+                    live_state[key] = value
+    for group, saved in zip(optimizer.param_groups, optim_state["param_groups"], strict=False):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _copy_local(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src for tensors of the same layout (DTensors: their local shards)."""
+    dst = _local(dst) if isinstance(dst, _dtensor_type()) else dst
+    src = _local(src) if isinstance(src, _dtensor_type()) else src
+    if dst.data_ptr() != src.data_ptr() or dst.shape != src.shape:
+        dst.copy_(src)
+
+
 # ---------------------------------------------------------------- pieces
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
+    """(global offset, local shape) of this rank's shard; cached, as a model has few distinct
+    (shape, placement) pairs and torch computes it in Python (tens of microseconds a tensor)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return list(offset), list(local_shape)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard without DTensor.to_local's autograd bookkeeping (no graph is
+    wanted when checkpointing; the attribute is what to_local returns)."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
 def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
     """The part of a (possibly DTensor) tensor this rank writes and its global offset, or None."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    if isinstance(t, _dtensor_type()):
+        from torch.distributed.tensor import Replicate
 
         coord = t.device_mesh.get_coordinate()
         if coord is None:
@@ -225,32 +328,30 @@ def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
         # Replicas of a shard are written once: by the rank at coordinate 0 of replicated mesh dims.
         if any(isinstance(p, Replicate) and coord[i] != 0 for i, p in enumerate(t.placements)):
             return None
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        local = t.to_local()
-        local = local[tuple(slice(0, s) for s in shape)] if list(local.shape) != list(shape) else local
+        offset, shape = _shard_region(tuple(t.shape), t.device_mesh, tuple(t.placements))
+        local = _local(t)
+        local = local[tuple(slice(0, s) for s in shape)] if list(local.shape) != shape else local
         if local.numel() == 0:
             return None
-        return local, list(offset)
+        return local, offset
     return t, [0] * t.ndim
 
 
 def _pieces_for_rank(
-    tensors: dict[str, torch.Tensor], rank: int, world: int
+    tensors: dict[str, torch.Tensor], rank: int, world: int, seen: set[int]
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Split a state into what this rank writes: its DTensor shards, and every world-th replicated tensor."""
-    from torch.distributed.tensor import DTensor
-
-    plain = sorted(k for k, v in tensors.items() if not isinstance(v, DTensor))
+    plain = sorted(k for k, v in tensors.items() if not isinstance(v, _dtensor_type()))
     owner = {k: i % world for i, k in enumerate(plain)}
     out, meta = {}, {}
-    seen: set[int] = set()
     for key, t in tensors.items():
         meta[key] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "piece": None}
         piece = None if key in owner and owner[key] != rank else _local_piece(t)
         if piece is None:
             continue
         local, offset = piece
-        local = local.detach().to("cpu")
+        if local.device.type != "cpu":
+            local = local.to("cpu")
         ptr = local.untyped_storage().data_ptr()
         # safetensors refuses tensors sharing storage (tied weights, views of one buffer)
         if ptr in seen or not local.is_contiguous():
@@ -277,81 +378,111 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `name` (step_<N> or best) under <run_dir>/checkpoints; every rank calls it.
 
-    Returns the final folder. Retention (keep_last) applies to step_* folders only, and runs
-    after the new checkpoint is COMPLETE and `latest` points at it.
+    Returns the final folder, which is COMPLETE on rank 0's return (other ranks return once their
+    shard is flushed; anything that reads a checkpoint goes through rank 0 first). Retention
+    (keep_last) applies to step_* folders only, and runs after the new checkpoint is in place
+    and `latest` points at it. One collective: a barrier once every shard is flushed.
     """
     root = Path(run_dir) / CKPT_DIR
     final = root / name
     tmp = root / f".tmp-{name}"
     step = int(trainer_state.get("step", 0))
+    tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: see _finish_folder
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a crashed save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+        _clear_stale(root, keep=tmp)
     _crash_point("before_shards", rank, step)
 
-    tag = f"{rank:05d}"
-    files: dict[str, dict[str, Any]] = {}
-    tensor_meta: dict[str, dict[str, Any]] = {}
+    side = None
+    if rank == 0:  # the rank-independent files are written and flushed while the shard is
+        texts = {STATE: json.dumps(trainer_state, indent=1, default=_json_default), "config.yaml": config_text}
+        side = _in_thread(_write_files, tmp, texts)
     optim_tensors, optim_extra = flatten_optim(optim_state)
-    for i, (kind, state) in enumerate((("model", model_state), ("optim", optim_tensors))):
-        if i == 1:
-            _crash_point("between_shards", rank, step)
-        local, meta = _pieces_for_rank(state, rank, world)
-        fname = f"{kind}-{tag}.safetensors"
-        if local:
-            save_file({f"{kind}.{k}": v for k, v in local.items()}, str(tmp / fname), metadata={"format": FORMAT})
-            _fsync_file(tmp / fname)
-            files[fname] = {"xxh3_128": file_checksum(tmp / fname), "bytes": (tmp / fname).stat().st_size}
-        for k, m in meta.items():
-            piece = m.pop("piece")
-            m["pieces"] = [{"file": fname, **piece}] if piece else []
-            tensor_meta[f"{kind}.{k}"] = m
+    seen: set[int] = set()  # storages already in the file (safetensors refuses shared storage)
+    local_model, meta_model = _pieces_for_rank(model_state, rank, world, seen)
+    local_optim, meta_optim = _pieces_for_rank(optim_tensors, rank, world, seen)
     rng_tensors, rng_meta = rng_state()
-    rng_file = f"rng-{tag}.safetensors"
-    save_file(rng_tensors, str(tmp / rng_file), metadata=rng_meta)
-    _fsync_file(tmp / rng_file)
-    files[rng_file] = {"xxh3_128": file_checksum(tmp / rng_file), "bytes": (tmp / rng_file).stat().st_size}
-
-    gathered = [None] * world
+    shard = tmp / shard_name(rank)
+    tensors = {f"model.{k}": v for k, v in local_model.items()} | {f"optim.{k}": v for k, v in local_optim.items()}
+    tensors |= {f"rng.{k}": v for k, v in rng_tensors.items()}
+    save_file(tensors, str(shard), metadata={"format": FORMAT, **{f"rng.{k}": v for k, v in rng_meta.items()}})
+    _fsync_file(shard)
+    # What rank 0 needs for the index, handed over as a file next to the shard: a barrier is one
+    # cheap collective, where gathering Python objects takes two plus pickling.
+    part = {"file": shard.name, "xxh3_128": file_checksum(shard), "bytes": shard.stat().st_size,
+            "tensors": {f"{kind}.{k}": m for kind, meta in (("model", meta_model), ("optim", meta_optim))
+                        for k, m in meta.items()}}  # fmt: skip
+    part_text = json.dumps(part)
+    if rank != 0:
+        (tmp / f"{shard.name}.json").write_text(part_text)  # read once the barrier is passed
+    _crash_point("between_shards", rank, step)
     if _is_dist():
-        dist.all_gather_object(gathered, (files, tensor_meta))
-    else:
-        gathered = [(files, tensor_meta)]
-    if rank == 0:
-        all_files: dict[str, Any] = {}
-        tensors: dict[str, Any] = {}
-        for rank_files, rank_meta in gathered:  # type: ignore[misc]
-            all_files.update(rank_files)
-            for k, m in rank_meta.items():
-                entry = tensors.setdefault(k, {"shape": m["shape"], "dtype": m["dtype"], "pieces": []})
-                entry["pieces"].extend(m["pieces"])
-        index = {"format": FORMAT, "version": VERSION, "world_size": world, "files": all_files,
-                 "tensors": tensors, "optim": optim_extra}  # fmt: skip
-        _write_text(tmp / INDEX, json.dumps(index, indent=1))
-        _write_text(tmp / STATE, json.dumps(trainer_state, indent=1, default=_json_default))
-        _write_text(tmp / "config.yaml", config_text)
-        _fsync_dir(tmp)
-        if final.exists():  # an incomplete or older folder of the same name (e.g. best/) goes aside first
-            old = root / f".tmp-old-{name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        _crash_point("before_complete", rank, step)
-        _write_text(final / COMPLETE, json.dumps({"step": step}) + "\n")
-        _fsync_dir(final)
-        _crash_point("before_latest", rank, step)
-        if name.startswith("step_"):
-            _write_text(root / LATEST, name + "\n")
-            if keep_last:
-                apply_retention(root, keep_last)
-    _barrier()
+        dist.barrier()
+    if rank != 0:
+        return final
+
+    assert side is not None
+    parts = [part, *(read_json(tmp / f"{shard_name(r)}.json") for r in range(1, world))]
+    index_tensors: dict[str, Any] = {}
+    for p in parts:
+        for k, m in p["tensors"].items():
+            entry = index_tensors.setdefault(k, {"shape": m["shape"], "dtype": m["dtype"], "pieces": []})
+            if m["piece"] is not None:
+                entry["pieces"].append({"file": p["file"], **m["piece"]})
+    files = {p["file"]: {"xxh3_128": p["xxh3_128"], "bytes": p["bytes"]} for p in parts}
+    index = {"format": FORMAT, "version": VERSION, "world_size": world, "files": files,
+             "tensors": index_tensors, "optim": optim_extra}  # fmt: skip
+    (tmp / INDEX).write_text(json.dumps(index))
+    _crash_point("before_complete", rank, step)
+    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")  # the last file written
+    _fsync_files([tmp / INDEX, tmp / COMPLETE])
+    side.result()
+    _finish_folder(root, tmp, final, keep={INDEX, STATE, "config.yaml", COMPLETE, *files})
+    _crash_point("before_latest", rank, step)
+    if name.startswith("step_"):
+        _point_latest(root, name)
+        if keep_last:
+            apply_retention(root, keep_last)
     return final
+
+
+def _clear_stale(root: Path, keep: Path) -> None:
+    """Remove the temp folders of crashed saves (rank 0, at the start of a save).
+
+    Only at the start: other ranks may already be writing the next save's temp folder while rank
+    0 finishes this one, but never one other than `keep` at this point. An older folder moved
+    aside to be replaced (best/) that a crash left as the only copy is put back, so a finished
+    checkpoint is never lost.
+    """
+    for stale in root.glob(".tmp-*"):
+        if stale == keep:
+            continue
+        original = root / stale.name.removeprefix(".tmp-old-")
+        if stale.name.startswith(".tmp-old-") and not original.exists():
+            os.replace(stale, original)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _finish_folder(root: Path, tmp: Path, final: Path, keep: set[str]) -> None:
+    """Rename the flushed temp folder into place (rank 0): the step that makes a checkpoint exist.
+
+    The folder may hold files of a crashed save of the same name: its shards were overwritten by
+    this save and any other file (a rank's hand-over note, or a shard of a rank that no longer
+    exists) is removed here. An older folder of the same name (best/) is moved aside, replaced,
+    then deleted.
+    """
+    for leftover in tmp.iterdir():
+        if leftover.name not in keep:
+            leftover.unlink()
+    _fsync_dir(tmp)
+    if final.exists():
+        old = root / f".tmp-old-{final.name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def _json_default(obj: Any) -> Any:
@@ -463,6 +594,8 @@ class _Reader:
     def read(self, key: str, offset: Iterable[int] | None = None, shape: Iterable[int] | None = None) -> torch.Tensor:
         entry = self.index["tensors"][key]
         full = entry["shape"]
+        if offset is None and len(entry["pieces"]) == 1 and entry["pieces"][0]["shape"] == full:
+            return self._open(entry["pieces"][0]["file"]).get_tensor(key)  # the whole tensor in one piece
         offset = list(offset) if offset is not None else [0] * len(full)
         shape = list(shape) if shape is not None else list(full)
         if not full:  # 0-dim (e.g. Adam's step)
@@ -494,36 +627,25 @@ class _Reader:
         self._handles.clear()
 
 
-def _target_region(t: torch.Tensor) -> tuple[list[int], list[int]]:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return list(offset), list(shape)
-    return [0] * t.ndim, list(t.shape)
-
-
-def _fill(reader: _Reader, key: str, target: torch.Tensor) -> torch.Tensor:
-    """A tensor laid out like `target` (same DTensor placement) holding the saved values."""
-    from torch.distributed.tensor import DTensor
-
-    offset, shape = _target_region(target)
+def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
+    """Copy the saved values of `key` into `target` in place (this rank's shard of a DTensor)."""
+    if not isinstance(target, _dtensor_type()):
+        target.copy_(reader.read(key))
+        return
+    offset, shape = _shard_region(tuple(target.shape), target.device_mesh, tuple(target.placements))
     if math.prod(shape) == 0:
-        local = torch.empty(shape, dtype=target.dtype)
-    else:
-        local = reader.read(key, offset, shape).to(target.dtype)
-    if isinstance(target, DTensor):
-        want = target.to_local()
-        if list(want.shape) != shape:  # padded local shards: keep the padding
-            padded = torch.zeros_like(want, device="cpu")
-            padded[tuple(slice(0, s) for s in shape)] = local
-            local = padded
-        local = local.to(want.device)
-        return DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
-                                  shape=target.shape, stride=target.stride())  # fmt: skip
-    return local.to(target.device)
+        return
+    local = _local(target)
+    if list(local.shape) != shape:  # a padded local shard: the padding stays as it is
+        local = local[tuple(slice(0, s) for s in shape)]
+    local.copy_(reader.read(key, offset, shape))
+
+
+@functools.cache
+def _dtensor_type() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_state: dict[str, torch.Tensor],
@@ -554,35 +676,43 @@ def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_s
 def load_states(
     path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Saved values laid out like the given (target) model and optimizer states."""
+    """Copy the saved values into the tensors of the given model and optimizer states, in place.
+
+    The states are Backend.checkpoint_state's, whose tensors are the live weights and optimizer
+    moments (or their shards), so loading needs no second copy of the model in memory. Returns
+    the model state and the optimizer state with the saved hyper-parameters and scalars.
+    """
     index = read_json(path / INDEX)
+    targets: dict[str, torch.Tensor] = {}
+    if optim_state is not None:
+        targets, _ = flatten_optim(optim_state)
+        saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
+        missing = sorted(set(targets) - set(saved))
+        extra = sorted(set(saved) - set(targets))
+        if missing or extra:
+            what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
+            raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
     reader = _Reader(path, index)
     try:
-        model_out = {k: _fill(reader, f"model.{k}", t) for k, t in model_state.items()}
-        optim_out = None
-        if optim_state is not None:
-            targets, _ = flatten_optim(optim_state)
-            saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
-            missing = sorted(set(targets) - set(saved))
-            extra = sorted(set(saved) - set(targets))
-            if missing or extra:
-                what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
-                raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
-            tensors = {k: _fill(reader, saved[k], t) for k, t in targets.items()}
-            optim_out = unflatten_optim(tensors, index["optim"], optim_state)
+        with torch.no_grad():
+            for k, t in model_state.items():
+                _fill(reader, f"model.{k}", t)
+            for k, t in targets.items():
+                _fill(reader, f"optim.{k}", t)
     finally:
         reader.close()
-    return model_out, optim_out
+    optim_out = None if optim_state is None else unflatten_optim(targets, index["optim"], optim_state)
+    return model_state, optim_out
 
 
 def load_rng(path: Path, rank: int) -> bool:
-    """Restore this rank's RNG states if the checkpoint has a file for this rank."""
-    f = path / f"rng-{rank:05d}.safetensors"
+    """Restore this rank's RNG states if the checkpoint has a shard of this rank."""
+    f = path / shard_name(rank)
     if not f.is_file():
         return False
     with safe_open(str(f), framework="pt") as h:
-        tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
-        meta = h.metadata()
+        tensors = {k[4:]: h.get_tensor(k) for k in h.keys() if k.startswith("rng.")}  # noqa: SIM118
+        meta = {k[4:]: v for k, v in h.metadata().items() if k.startswith("rng.")}
     set_rng_state(tensors, meta)
     return True
 

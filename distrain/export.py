@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from distrain import checkpoint
 from distrain.config import Config, ConfigError, apply_dict
-from distrain.weights import save_weights
+from distrain.weights import save_text, save_weights
 
 INDEX_NAME = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -72,7 +72,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: in
             weight_map.update(dict.fromkeys(shard, fname))
             total += sum(t.numel() * t.element_size() for t in shard.values())
         index = {"metadata": {"total_size": total, "step": step}, "weight_map": weight_map}
-        checkpoint._write_text(out / INDEX_NAME, json.dumps(index, indent=1))
+        save_text(out / INDEX_NAME, json.dumps(index, indent=1))
     shutil.copyfile(ckpt / "config.yaml", out / "config.yaml")
     return out
 

@@ -87,7 +87,7 @@ class FSDPBackend(Backend):
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         # Only the optimizer goes through accelerate (fp16 grad scaler); the model is wrapped already.
-        return model, self.accelerator.prepare(optimizer)
+        return model, self.plain_optimizer(self.accelerator.prepare(optimizer))
 
     def verify(self, model: torch.nn.Module) -> None:
         from torch.distributed.fsdp import FSDPModule

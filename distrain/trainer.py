@@ -112,6 +112,8 @@ class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg, self.recipe = cfg, recipe
         self.accelerator = build_accelerator(cfg)
+        # accelerate's autocast() builds a context every call; fp32 needs none
+        self._autocast = self.accelerator.autocast if cfg.precision != "no" else contextlib.nullcontext
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         configure_torch(cfg)
@@ -246,7 +248,7 @@ class Trainer:
         return tensor
 
     def forward(self, batch: Any) -> StepOutput:
-        with self.accelerator.autocast():
+        with self._autocast():
             out = self.recipe.step(self.model, batch)
         if not isinstance(out, StepOutput):
             raise TypeError(f"recipe step must return distrain.StepOutput, got {type(out).__name__}")
@@ -260,7 +262,7 @@ class Trainer:
         Returns the step's global mean loss, the gradient norm, and whether the step was applied.
         """
         factor = self.backend.loss_factor(global_count)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        loss_sum: torch.Tensor | None = None
         tokens = 0
         for i, batch in enumerate(micro_batches):
             counting = self.flops_per_sample is None and i == 0  # once per run, on the first micro-batch
@@ -273,21 +275,27 @@ class Trainer:
                 self.backend.backward(per_sample.sum() * factor)
             if counting:
                 self.flops_per_sample = flops() / batch_size_of(batch)
-            loss_sum += per_sample.detach().sum()
+            batch_sum = per_sample.detach().sum()
+            loss_sum = batch_sum if loss_sum is None else loss_sum + batch_sum
             if self.recipe.tokens is not None:
                 tokens += int(self.recipe.tokens(batch))
-        # One small all-reduce per step: the global loss, the interrupt flag and the token count,
-        # so all ranks agree on skipping a non-finite step and on stopping.
+        assert loss_sum is not None
         flag = float(self.interrupt.signum > 0)
-        packed = torch.cat([loss_sum[None], torch.tensor([flag, float(tokens)], device=self.device)])
-        packed = self._all_reduce_sum(packed)
-        loss = packed[0] / global_count
-        self._interrupt_agreed = bool(packed[1] > 0)
-        self._step_tokens = int(packed[2]) if self.recipe.tokens is not None else 0
-        self._backward_done = time.perf_counter()  # after the sync above, so on CUDA too the split is real
+        if self.world_size > 1:
+            # One small all-reduce per step: the global loss, the interrupt flag and the token count,
+            # so all ranks agree on skipping a non-finite step and on stopping.
+            packed = torch.cat([loss_sum[None], torch.tensor([flag, float(tokens)], device=self.device)])
+            packed = self._all_reduce_sum(packed)
+            loss_sum, flag, tokens = packed[0], float(packed[1]), int(packed[2])
+        loss = loss_sum / global_count
+        loss_finite = math.isfinite(float(loss))  # a host sync: waits for the backward on CUDA too,
+        self._backward_done = time.perf_counter()  # so the time split is real
+        self._interrupt_agreed = flag > 0
+        self._step_tokens = tokens if self.recipe.tokens is not None else 0
         grad_norm = self.backend.clip_grad_norm(self.model, self.cfg.train.clip_norm)
-        check = torch.stack([loss, grad_norm.float()]) if self.cfg.precision != "fp16" else loss[None]
-        if not bool(torch.isfinite(check).all()):
+        # under fp16 an overflowing norm is the grad scaler's business
+        finite = loss_finite and (self.cfg.precision == "fp16" or math.isfinite(float(grad_norm)))
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return loss, grad_norm, False
         applied = self.backend.optimizer_step(self.optimizer)

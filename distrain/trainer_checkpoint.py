@@ -114,11 +114,12 @@ def resume(trainer: Any) -> Path | None:
     index, state = read_json(path / INDEX), read_json(path / STATE)
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     check_fits(path, index, state, model_state, trainer.recipe.name)
-    model_values, optim_values = load_states(path, model_state, optim_state)
-    best_values = _best_values(path, state, model_state)
-    if best_values is not None:  # rebuild the in-memory best snapshot the interrupted run had
-        trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, optim_values)
+    best = _best_checkpoint(path, state)
+    if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
+        best_values, _ = load_states(best, model_state, None)
+        trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+    model_values, optim_values = load_states(path, model_state, optim_state)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
     if state["train_state"].get("best_step") == state["train_state"].get("step"):
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
@@ -148,8 +149,8 @@ def resume(trainer: Any) -> Path | None:
     return path
 
 
-def _best_values(path: Path, state: dict[str, Any], model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    """The best/ checkpoint's weights laid out like `model_state`, when it holds the run's best step."""
+def _best_checkpoint(path: Path, state: dict[str, Any]) -> Path | None:
+    """The verified best/ checkpoint next to `path` when it holds the run's best step (not its last)."""
     best_step = state["train_state"].get("best_step", -1)
     best = path.parent / "best"
     if path.name == "best" or best_step in (-1, state["train_state"].get("step")):
@@ -160,4 +161,4 @@ def _best_values(path: Path, state: dict[str, Any], model_state: dict[str, torch
         verify(best)
     except CheckpointError:
         return None
-    return load_states(best, model_state, None)[0]
+    return best

@@ -31,5 +31,16 @@ def save_weights(
     os.replace(tmp, path)
 
 
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))

@@ -197,7 +197,7 @@ class DeepSpeedBackend(Backend):
         return model_state, {"state": state, "param_groups": groups}
 
     def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
-                              optim_state: dict[str, Any]) -> None:  # fmt: skip
+                              optim_state: dict[str, Any] | None) -> None:  # fmt: skip
         module = self.unwrap(model)
         self._linked_optimizer_state()
         params = dict(module.named_parameters())
@@ -206,9 +206,13 @@ class DeepSpeedBackend(Backend):
                 t.data.copy_(model_state[name])
         for name, p in params.items():
             self._set_full(p, model_state[name].to(self.accelerator.device))
+            if optim_state is None:
+                continue
             for key, value in optim_state["state"].get(name, {}).items():
                 if key != "step":
                     self._set_full(p, value.to(self.accelerator.device), key)
+        if optim_state is None:
+            return
         steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
         for s in self.engine.optimizer.optimizer.state.values():
             if "step" in s and steps:

@@ -139,19 +139,19 @@ def _copy_run(straight: Path, dest: Path) -> Path:
 def test_truncated_and_flipped_shards_are_detected(straight, tmp_path):
     run = _copy_run(straight, tmp_path / "corrupt")
     newest = run / "checkpoints" / "step_00000045"
-    shard = newest / "model-00000.safetensors"
+    shard = newest / "shard-00000.safetensors"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 10)
-    with pytest.raises(ck.CheckpointError, match=r"model-00000\.safetensors"):
+    with pytest.raises(ck.CheckpointError, match=r"shard-00000\.safetensors.*truncated"):
         ck.verify(newest)
     assert ck.find_resumable(run).name == "step_00000040"
 
-    optim = run / "checkpoints" / "step_00000040" / "optim-00000.safetensors"
-    data = bytearray(optim.read_bytes())
+    flipped = run / "checkpoints" / "step_00000040" / "shard-00000.safetensors"
+    data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    optim.write_bytes(bytes(data))
-    with pytest.raises(ck.CheckpointError, match=r"optim-00000\.safetensors.*checksum"):
-        ck.verify(optim.parent)
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=r"shard-00000\.safetensors.*checksum"):
+        ck.verify(flipped.parent)
     assert ck.find_resumable(run).name == "step_00000020"
 
 
