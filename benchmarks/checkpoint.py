@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distrain import checkpoint as ck
+from distrain import checkpoint_load
 from distrain.trainer_checkpoint import choose
 
 
@@ -111,7 +112,7 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
         dist.barrier()
         t0 = time.perf_counter()
         chosen = choose(str(path), run_dir, rank)  # rank 0 verifies every checksum
-        lm, lo = ck.load_states(chosen, *ck.live_states(module, opt))  # in place, into the live tensors
+        lm, lo = checkpoint_load.load_states(chosen, *ck.live_states(module, opt))  # in place, into the live tensors
         ck.set_live_states(module, opt, lm, lo)
         dist.barrier()
         load_t.append(time.perf_counter() - t0)

@@ -15,9 +15,9 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
 Ranks write into `checkpoints/.tmp-<name>`, fsync, rank 0 renames it into place, writes
 COMPLETE, then points `checkpoints/latest` at it; older checkpoints are deleted only after that.
-Loading copies each target tensor's region, read from the pieces that overlap it, into the live
-tensor, so a checkpoint saved on any number of ranks, under DDP or FSDP2, loads into any other
-layout without a second copy of the state in memory. No pickle: tensors are safetensors,
+Loading (distrain/checkpoint_load.py) copies each target tensor's region, read from the pieces
+that overlap it, into the live tensor, so a checkpoint saved on any number of ranks, under DDP or
+FSDP2, loads into any other layout without a second copy of the state in memory. No pickle: tensors are safetensors,
 everything else JSON.
 """
 
@@ -27,12 +27,10 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import signal
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distrain.config import ConfigError
@@ -291,8 +288,8 @@ def set_live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer, m
 
 def _copy_local(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst[...] = src for tensors of the same layout (DTensors: their local shards)."""
-    dst = _local(dst) if isinstance(dst, _dtensor_type()) else dst
-    src = _local(src) if isinstance(src, _dtensor_type()) else src
+    dst = local_tensor(dst) if isinstance(dst, dtensor_type()) else dst
+    src = local_tensor(src) if isinstance(src, dtensor_type()) else src
     if dst.data_ptr() != src.data_ptr() or dst.shape != src.shape:
         dst.copy_(src)
 
@@ -300,8 +297,15 @@ def _copy_local(dst: torch.Tensor, src: torch.Tensor) -> None:
 # ---------------------------------------------------------------- pieces
 
 
+@functools.cache
+def dtensor_type() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
 @functools.lru_cache(maxsize=65536)
-def _shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
+def shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
     """(global offset, local shape) of this rank's shard; cached, as a model has few distinct
     (shape, placement) pairs and torch computes it in Python (tens of microseconds a tensor)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -310,7 +314,7 @@ def _shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
     return list(offset), list(local_shape)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard without DTensor.to_local's autograd bookkeeping (no graph is
     wanted when checkpointing; the attribute is what to_local returns)."""
     local = getattr(t, "_local_tensor", None)
@@ -319,7 +323,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
     """The part of a (possibly DTensor) tensor this rank writes and its global offset, or None."""
-    if isinstance(t, _dtensor_type()):
+    if isinstance(t, dtensor_type()):
         from torch.distributed.tensor import Replicate
 
         coord = t.device_mesh.get_coordinate()
@@ -328,8 +332,8 @@ def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
         # Replicas of a shard are written once: by the rank at coordinate 0 of replicated mesh dims.
         if any(isinstance(p, Replicate) and coord[i] != 0 for i, p in enumerate(t.placements)):
             return None
-        offset, shape = _shard_region(tuple(t.shape), t.device_mesh, tuple(t.placements))
-        local = _local(t)
+        offset, shape = shard_region(tuple(t.shape), t.device_mesh, tuple(t.placements))
+        local = local_tensor(t)
         local = local[tuple(slice(0, s) for s in shape)] if list(local.shape) != shape else local
         if local.numel() == 0:
             return None
@@ -341,7 +345,7 @@ def _pieces_for_rank(
     tensors: dict[str, torch.Tensor], rank: int, world: int, seen: set[int]
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Split a state into what this rank writes: its DTensor shards, and every world-th replicated tensor."""
-    plain = sorted(k for k, v in tensors.items() if not isinstance(v, _dtensor_type()))
+    plain = sorted(k for k, v in tensors.items() if not isinstance(v, dtensor_type()))
     owner = {k: i % world for i, k in enumerate(plain)}
     out, meta = {}, {}
     for key, t in tensors.items():
@@ -574,155 +578,3 @@ def resolve(path: str | os.PathLike) -> Path:
     if found is not None:
         return found
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
-
-
-# ---------------------------------------------------------------- load
-
-
-class _Reader:
-    """Reads any region of a saved tensor from the pieces that overlap it."""
-
-    def __init__(self, path: Path, index: dict[str, Any]):
-        self.path, self.index = path, index
-        self._handles: dict[str, Any] = {}
-
-    def _open(self, fname: str) -> Any:
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
-        return self._handles[fname]
-
-    def read(self, key: str, offset: Iterable[int] | None = None, shape: Iterable[int] | None = None) -> torch.Tensor:
-        entry = self.index["tensors"][key]
-        full = entry["shape"]
-        if offset is None and len(entry["pieces"]) == 1 and entry["pieces"][0]["shape"] == full:
-            return self._open(entry["pieces"][0]["file"]).get_tensor(key)  # the whole tensor in one piece
-        offset = list(offset) if offset is not None else [0] * len(full)
-        shape = list(shape) if shape is not None else list(full)
-        if not full:  # 0-dim (e.g. Adam's step)
-            return self._open(entry["pieces"][0]["file"]).get_tensor(key)
-        out = None
-        covered = 0
-        for piece in entry["pieces"]:
-            po, ps = piece["offset"], piece["shape"]
-            lo = [max(a, b) for a, b in zip(offset, po, strict=True)]
-            hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, po, ps, strict=True)]
-            if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
-                continue
-            handle = self._open(piece["file"])
-            if lo == po and hi == [b + m for b, m in zip(po, ps, strict=True)]:
-                src = handle.get_tensor(key)
-            else:
-                src = handle.get_slice(key)[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, po, strict=True))]
-            if lo == offset and [h - a for a, h in zip(lo, hi, strict=True)] == shape:
-                return src
-            if out is None:
-                out = torch.empty(shape, dtype=src.dtype)
-            out[tuple(slice(a - o, h - o) for a, h, o in zip(lo, hi, offset, strict=True))] = src
-            covered += math.prod(h - a for a, h in zip(lo, hi, strict=True))
-        if out is None or covered != math.prod(shape):
-            raise CheckpointError(f"checkpoint {self.path}: pieces of {key} do not cover {offset}+{shape}")
-        return out
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
-def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
-    """Copy the saved values of `key` into `target` in place (this rank's shard of a DTensor)."""
-    if not isinstance(target, _dtensor_type()):
-        target.copy_(reader.read(key))
-        return
-    offset, shape = _shard_region(tuple(target.shape), target.device_mesh, tuple(target.placements))
-    if math.prod(shape) == 0:
-        return
-    local = _local(target)
-    if list(local.shape) != shape:  # a padded local shard: the padding stays as it is
-        local = local[tuple(slice(0, s) for s in shape)]
-    local.copy_(reader.read(key, offset, shape))
-
-
-@functools.cache
-def _dtensor_type() -> type:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_state: dict[str, torch.Tensor],
-               recipe: str | None) -> None:  # fmt: skip
-    """Refuse a checkpoint of another recipe or another model shape, naming what differs."""
-    saved_recipe = state.get("recipe")
-    if recipe is not None and saved_recipe is not None and Path(saved_recipe).stem != Path(recipe).stem:
-        raise CheckpointError(f"checkpoint {path} is from recipe={saved_recipe}, not recipe={recipe}")
-    saved = {k.removeprefix("model."): v for k, v in index["tensors"].items() if k.startswith("model.")}
-    missing = sorted(set(model_state) - set(saved))
-    unexpected = sorted(set(saved) - set(model_state))
-    common = sorted(set(saved) & set(model_state))
-    wrong = [f"{k} is {saved[k]['shape']} there, {list(model_state[k].shape)} here"
-             for k in common if saved[k]["shape"] != list(model_state[k].shape)]  # fmt: skip
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape of " + "; ".join(wrong[:3]))
-        if missing:
-            parts.append(f"missing in the checkpoint: {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"not in this model: {', '.join(unexpected[:3])}")
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({'; '.join(parts)}); same recipe and model.* settings needed"
-        )
-
-
-def load_states(
-    path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Copy the saved values into the tensors of the given model and optimizer states, in place.
-
-    The states are Backend.checkpoint_state's, whose tensors are the live weights and optimizer
-    moments (or their shards), so loading needs no second copy of the model in memory. Returns
-    the model state and the optimizer state with the saved hyper-parameters and scalars.
-    """
-    index = read_json(path / INDEX)
-    targets: dict[str, torch.Tensor] = {}
-    if optim_state is not None:
-        targets, _ = flatten_optim(optim_state)
-        saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
-        missing = sorted(set(targets) - set(saved))
-        extra = sorted(set(saved) - set(targets))
-        if missing or extra:
-            what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
-            raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
-    reader = _Reader(path, index)
-    try:
-        with torch.no_grad():
-            for k, t in model_state.items():
-                _fill(reader, f"model.{k}", t)
-            for k, t in targets.items():
-                _fill(reader, f"optim.{k}", t)
-    finally:
-        reader.close()
-    optim_out = None if optim_state is None else unflatten_optim(targets, index["optim"], optim_state)
-    return model_state, optim_out
-
-
-def load_rng(path: Path, rank: int) -> bool:
-    """Restore this rank's RNG states if the checkpoint has a shard of this rank."""
-    f = path / shard_name(rank)
-    if not f.is_file():
-        return False
-    with safe_open(str(f), framework="pt") as h:
-        tensors = {k[4:]: h.get_tensor(k) for k in h.keys() if k.startswith("rng.")}  # noqa: SIM118
-        meta = {k[4:]: v for k, v in h.metadata().items() if k.startswith("rng.")}
-    set_rng_state(tensors, meta)
-    return True
-
-
-def full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The consolidated model weights of a checkpoint, on CPU, with no process group."""
-    path = Path(path)
-    index = verify(path)
-    reader = _Reader(path, index)
-    try:
-        return {k.removeprefix("model."): reader.read(k).clone() for k in index["tensors"] if k.startswith("model.")}
-    finally:
-        reader.close()

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distrain import checkpoint
+from distrain import checkpoint, checkpoint_load
 from distrain.config import Config, ConfigError, apply_dict
 from distrain.weights import save_text, save_weights
 
@@ -55,7 +55,7 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None) -> Path:
     """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`."""
     ckpt = checkpoint.resolve(source)
-    state = checkpoint.full_model_state(ckpt)  # verifies checksums
+    state = checkpoint_load.full_model_state(ckpt)  # verifies checksums
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("model*.safetensors"), out / INDEX_NAME]:  # never mix old and new files
@@ -88,7 +88,7 @@ def load_weights_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for fname in sorted(set(weight_map.values())):
             state.update(load_file(str(path / fname)))
         return state
-    return checkpoint.full_model_state(checkpoint.resolve(path))
+    return checkpoint_load.full_model_state(checkpoint.resolve(path))
 
 
 def load_model(path: str | os.PathLike) -> torch.nn.Module:

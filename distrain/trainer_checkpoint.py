@@ -17,17 +17,15 @@ from distrain.checkpoint import (
     INDEX,
     STATE,
     CheckpointError,
-    check_fits,
     config_hash,
     find_resumable,
-    load_rng,
-    load_states,
     read_json,
     resolve,
     save_checkpoint,
     verify,
     versions,
 )
+from distrain.checkpoint_load import check_fits, load_rng, load_states
 
 log = logging.getLogger("distrain")
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from distrain import checkpoint as ck
-from distrain import trainer_checkpoint
+from distrain import checkpoint_load, trainer_checkpoint
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
 
@@ -39,7 +39,7 @@ def main() -> None:
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_state, optim_state)
     assert any(not torch.equal(v, saved[k]) for k, v in snapshot(trainer).items()), "perturbation had no effect"
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
-    values = ck.load_states(path, model_state, optim_state)
+    values = checkpoint_load.load_states(path, model_state, optim_state)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, *values)
     after = snapshot(trainer)
     ok = after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)

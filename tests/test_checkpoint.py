@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from distrain import checkpoint as ck
+from distrain import checkpoint_load
 from distrain.export import export, load_weights_dir
 
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
@@ -57,7 +58,7 @@ def test_checkpoint_layout_has_no_pickle(straight):
     assert (state["step"], state["epoch"], state["consumed"]) == (20, 0, 20 * 64)
     assert state["world_size"] == 1 and state["backend"] == "single" and state["recipe"] == "har"
     # the final checkpoint holds exactly the final weights
-    assert_same_weights(ck.full_model_state(root / "step_00000045"), weights(straight))
+    assert_same_weights(checkpoint_load.full_model_state(root / "step_00000045"), weights(straight))
 
 
 def test_resume_mid_epoch_is_bitwise_exact(straight, tmp_path):
@@ -171,7 +172,7 @@ def test_incompatible_checkpoint_is_refused_and_nothing_overwritten(straight, tm
     model_state = {k.removeprefix("model."): torch.empty(v["shape"]) for k, v in index["tensors"].items()
                    if k.startswith("model.")}  # fmt: skip
     with pytest.raises(ck.CheckpointError, match="from recipe=har, not recipe=regression"):
-        ck.check_fits(run, index, state, model_state, "regression")
+        checkpoint_load.check_fits(run, index, state, model_state, "regression")
 
 
 def test_save_then_load_in_the_same_process(tmp_path, monkeypatch):
@@ -198,7 +199,7 @@ def test_save_then_load_in_the_same_process(tmp_path, monkeypatch):
     ck.verify(path)
     model2, opt2 = build(1)
     tm, to = get_state_dict(model2, opt2)
-    lm, lo = ck.load_states(path, tm, to)
+    lm, lo = checkpoint_load.load_states(path, tm, to)
     set_state_dict(model2, opt2, model_state_dict=lm, optim_state_dict=lo)
     assert_same_weights(model.state_dict(), model2.state_dict())
     x = torch.randn(8, 6)

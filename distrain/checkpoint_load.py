@@ -1,0 +1,172 @@
+"""Loading checkpoints: each target tensor's region, read from the saved pieces that overlap it,
+copied into the live tensor in place; the model-fit check; RNG states; consolidated weights.
+
+The format and saving live in distrain/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from distrain.checkpoint import (
+    INDEX,
+    CheckpointError,
+    dtensor_type,
+    flatten_optim,
+    local_tensor,
+    read_json,
+    set_rng_state,
+    shard_name,
+    shard_region,
+    unflatten_optim,
+    verify,
+)
+
+
+class _Reader:
+    """Reads any region of a saved tensor from the pieces that overlap it."""
+
+    def __init__(self, path: Path, index: dict[str, Any]):
+        self.path, self.index = path, index
+        self._handles: dict[str, Any] = {}
+
+    def _open(self, fname: str) -> Any:
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+        return self._handles[fname]
+
+    def read(self, key: str, offset: Iterable[int] | None = None, shape: Iterable[int] | None = None) -> torch.Tensor:
+        entry = self.index["tensors"][key]
+        full = entry["shape"]
+        if offset is None and len(entry["pieces"]) == 1 and entry["pieces"][0]["shape"] == full:
+            return self._open(entry["pieces"][0]["file"]).get_tensor(key)  # the whole tensor in one piece
+        offset = list(offset) if offset is not None else [0] * len(full)
+        shape = list(shape) if shape is not None else list(full)
+        if not full:  # 0-dim (e.g. Adam's step)
+            return self._open(entry["pieces"][0]["file"]).get_tensor(key)
+        out = None
+        covered = 0
+        for piece in entry["pieces"]:
+            po, ps = piece["offset"], piece["shape"]
+            lo = [max(a, b) for a, b in zip(offset, po, strict=True)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, po, ps, strict=True)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+                continue
+            handle = self._open(piece["file"])
+            if lo == po and hi == [b + m for b, m in zip(po, ps, strict=True)]:
+                src = handle.get_tensor(key)
+            else:
+                src = handle.get_slice(key)[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, po, strict=True))]
+            if lo == offset and [h - a for a, h in zip(lo, hi, strict=True)] == shape:
+                return src
+            if out is None:
+                out = torch.empty(shape, dtype=src.dtype)
+            out[tuple(slice(a - o, h - o) for a, h, o in zip(lo, hi, offset, strict=True))] = src
+            covered += math.prod(h - a for a, h in zip(lo, hi, strict=True))
+        if out is None or covered != math.prod(shape):
+            raise CheckpointError(f"checkpoint {self.path}: pieces of {key} do not cover {offset}+{shape}")
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
+    """Copy the saved values of `key` into `target` in place (this rank's shard of a DTensor)."""
+    if not isinstance(target, dtensor_type()):
+        target.copy_(reader.read(key))
+        return
+    offset, shape = shard_region(tuple(target.shape), target.device_mesh, tuple(target.placements))
+    if math.prod(shape) == 0:
+        return
+    local = local_tensor(target)
+    if list(local.shape) != shape:  # a padded local shard: the padding stays as it is
+        local = local[tuple(slice(0, s) for s in shape)]
+    local.copy_(reader.read(key, offset, shape))
+
+
+def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_state: dict[str, torch.Tensor],
+               recipe: str | None) -> None:  # fmt: skip
+    """Refuse a checkpoint of another recipe or another model shape, naming what differs."""
+    saved_recipe = state.get("recipe")
+    if recipe is not None and saved_recipe is not None and Path(saved_recipe).stem != Path(recipe).stem:
+        raise CheckpointError(f"checkpoint {path} is from recipe={saved_recipe}, not recipe={recipe}")
+    saved = {k.removeprefix("model."): v for k, v in index["tensors"].items() if k.startswith("model.")}
+    missing = sorted(set(model_state) - set(saved))
+    unexpected = sorted(set(saved) - set(model_state))
+    common = sorted(set(saved) & set(model_state))
+    wrong = [f"{k} is {saved[k]['shape']} there, {list(model_state[k].shape)} here"
+             for k in common if saved[k]["shape"] != list(model_state[k].shape)]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape of " + "; ".join(wrong[:3]))
+        if missing:
+            parts.append(f"missing in the checkpoint: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"not in this model: {', '.join(unexpected[:3])}")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({'; '.join(parts)}); same recipe and model.* settings needed"
+        )
+
+
+def load_states(
+    path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Copy the saved values into the tensors of the given model and optimizer states, in place.
+
+    The states are Backend.checkpoint_state's, whose tensors are the live weights and optimizer
+    moments (or their shards), so loading needs no second copy of the model in memory. Returns
+    the model state and the optimizer state with the saved hyper-parameters and scalars.
+    """
+    index = read_json(path / INDEX)
+    targets: dict[str, torch.Tensor] = {}
+    if optim_state is not None:
+        targets, _ = flatten_optim(optim_state)
+        saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
+        missing = sorted(set(targets) - set(saved))
+        extra = sorted(set(saved) - set(targets))
+        if missing or extra:
+            what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
+            raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
+    reader = _Reader(path, index)
+    try:
+        with torch.no_grad():
+            for k, t in model_state.items():
+                _fill(reader, f"model.{k}", t)
+            for k, t in targets.items():
+                _fill(reader, f"optim.{k}", t)
+    finally:
+        reader.close()
+    optim_out = None if optim_state is None else unflatten_optim(targets, index["optim"], optim_state)
+    return model_state, optim_out
+
+
+def load_rng(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG states if the checkpoint has a shard of this rank."""
+    f = path / shard_name(rank)
+    if not f.is_file():
+        return False
+    with safe_open(str(f), framework="pt") as h:
+        tensors = {k[4:]: h.get_tensor(k) for k in h.keys() if k.startswith("rng.")}  # noqa: SIM118
+        meta = {k[4:]: v for k, v in h.metadata().items() if k.startswith("rng.")}
+    set_rng_state(tensors, meta)
+    return True
+
+
+def full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The consolidated model weights of a checkpoint, on CPU, with no process group."""
+    path = Path(path)
+    index = verify(path)
+    reader = _Reader(path, index)
+    try:
+        return {k.removeprefix("model."): reader.read(k).clone() for k in index["tensors"] if k.startswith("model.")}
+    finally:
+        reader.close()
