@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distrain import checkpoint as ck
 from distrain import checkpoint_load
+from distrain.checkpoint_state import flatten_optim, live_states, set_live_states
 from distrain.trainer_checkpoint import choose
 
 
@@ -62,7 +63,7 @@ def reference(name: str, tmp: Path, repeats: int) -> dict[str, float]:
     opt = with_optimizer_state(model)
     msd, osd = get_state_dict(model, opt)
     flat = {f"model.{k}": v for k, v in msd.items()}
-    tensors, _ = ck.flatten_optim(osd)
+    tensors, _ = flatten_optim(osd)
     flat.update({f"optim.{k}": v.clone() if v.ndim == 0 else v for k, v in tensors.items()})
     path = tmp / "reference.safetensors"
     save_t, load_t = [], []
@@ -106,14 +107,14 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
     for r in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
-        msd, osd = ck.live_states(module, opt)
+        msd, osd = live_states(module, opt)
         path = ck.save_checkpoint(run_dir, ck.step_name(r + 1), msd, osd, {"step": r + 1}, "{}\n", rank, world)
         save_t.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        chosen = choose(str(path), run_dir, rank)  # rank 0 verifies every checksum
-        lm, lo = checkpoint_load.load_states(chosen, *ck.live_states(module, opt))  # in place, into the live tensors
-        ck.set_live_states(module, opt, lm, lo)
+        chosen, index = choose(str(path), run_dir, rank, world)  # the ranks share the checksum work
+        lm, lo = checkpoint_load.load_states(chosen, *live_states(module, opt), index)  # in place, into live tensors
+        set_live_states(module, opt, lm, lo)
         dist.barrier()
         load_t.append(time.perf_counter() - t0)
         if rank == 0:

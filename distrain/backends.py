@@ -240,14 +240,14 @@ class Backend:
     # parameter name (plain under DDP, DTensor shards under FSDP2), so no extra copy is made.
     def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """(model state, optimizer state keyed by parameter name) as this rank holds them."""
-        from distrain.checkpoint import live_states
+        from distrain.checkpoint_state import live_states
 
         return live_states(self.unwrap(model), getattr(optimizer, "optimizer", optimizer))
 
     def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
                               optim_state: dict[str, Any] | None) -> None:  # fmt: skip
         """Put values laid out like checkpoint_state's into the live model (and optimizer)."""
-        from distrain.checkpoint import set_live_states
+        from distrain.checkpoint_state import set_live_states
 
         set_live_states(self.unwrap(model), getattr(optimizer, "optimizer", optimizer), model_state, optim_state)
 

@@ -1,4 +1,4 @@
-"""Sharded safetensors checkpoints: atomic save, checksums, retention, resume discovery, load.
+"""Sharded safetensors checkpoints: atomic save, checksums, retention, resume discovery.
 
 Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
@@ -7,28 +7,26 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
                                ranks so all ranks write), the same for the optimizer state
                                (`optim.*`, keyed by parameter name), and its RNG states (`rng.*`)
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
-                               file -> xxh3-128 checksum and size; optimizer param groups
+                               optimizer param groups and scalar state
     trainer_state.json         step, epoch, samples consumed, scheduler, grad scaler, best metric,
                                early-stopping counters, world size, backend, config hash, versions
     config.yaml                the run's config (so `distrain export` needs only the checkpoint)
-    COMPLETE                   written last; a folder without it is never loaded
+    COMPLETE                   written last: step, and each shard's size and xxh3-128 checksum;
+                               a folder without it is never loaded
 
-Ranks write into `checkpoints/.tmp-<name>`, fsync, rank 0 renames it into place, writes
-COMPLETE, then points `checkpoints/latest` at it; older checkpoints are deleted only after that.
-Loading (distrain/checkpoint_load.py) copies each target tensor's region, read from the pieces
-that overlap it, into the live tensor, so a checkpoint saved on any number of ranks, under DDP or
-FSDP2, loads into any other layout without a second copy of the state in memory. No pickle: tensors are safetensors,
-everything else JSON.
+Ranks write into `checkpoints/.tmp-<name>` and fsync; rank 0 gathers the shards' checksums,
+writes COMPLETE, renames the folder into place (the commit), then points `checkpoints/latest`
+at it; older checkpoints are deleted only after that. What each rank writes and the index's
+piece map: distrain/checkpoint_state.py. Loading: distrain/checkpoint_load.py. No pickle:
+tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,14 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from distrain.checkpoint_state import flatten_optim, layout, rank_tensors, rng_state
 from distrain.config import ConfigError
+from distrain.shard_file import write_shard
 
 log = logging.getLogger("distrain")
 
 FORMAT = "distrain-checkpoint"
-VERSION = 2  # 2: one shard file per rank (model, optimizer and RNG state together)
+VERSION = 3  # 2: one shard file per rank (model, optimizer, RNG); 3: checksums in COMPLETE
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -152,10 +151,6 @@ def _point_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def config_hash(cfg_dict: dict[str, Any]) -> str:
     """Hash of the settings that must not change across a resume (not max_steps, logging, paths)."""
     d = json.loads(json.dumps(cfg_dict, default=str))
@@ -179,193 +174,6 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}  # fmt: skip
 
 
-# ---------------------------------------------------------------- RNG states
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This process's RNG states as tensors (+ metadata strings): torch CPU/CUDA, numpy, python."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
-    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
-            "python": json.dumps([version, gauss_next])}  # fmt: skip
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, gauss_next = json.loads(meta["python"])
-    random.setstate((version, tuple(int(x) for x in tensors["python"].tolist()), gauss_next))
-
-
-# ---------------------------------------------------------------- flattening
-
-
-def flatten_optim(optim_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """DCP's optimizer state dict ({state: {fqn: {name: tensor}}, param_groups}) -> flat tensors + JSON."""
-    tensors, scalars = {}, {}
-    for fqn, entries in optim_sd.get("state", {}).items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{fqn}.{name}"] = value
-            else:
-                scalars[f"{fqn}.{name}"] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def unflatten_optim(
-    tensors: dict[str, torch.Tensor], extra: dict[str, Any], template: dict[str, Any]
-) -> dict[str, Any]:
-    state: dict[str, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *extra.get("scalars", {}).items()]:
-        fqn, _, name = key.rpartition(".")
-        state.setdefault(fqn, {})[name] = value
-    groups = []
-    for saved, current in zip(extra["param_groups"], template.get("param_groups", []), strict=False):
-        # Hyper-parameters come from the checkpoint, keeping the current types (tuples stay tuples).
-        groups.append({k: type(current[k])(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    return {"state": state, "param_groups": groups or extra["param_groups"]}
-
-
-# ---------------------------------------------------------------- live states
-
-
-def live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A module's and its optimizer's state as the tensors they hold, keyed by parameter name.
-
-    The layout of DCP's get_state_dict (plain tensors, or DTensor shards under FSDP2; optimizer
-    state {"state": {name: {...}}, "param_groups": [...]}) without its per-call bookkeeping,
-    which costs milliseconds and dominates small checkpoints. An optimizer that has not stepped
-    yet gets its state first (a zero-lr step, as DCP does).
-    """
-    if not optimizer.state:
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-        _init_optim_state(optimizer)
-    names = {id(p): n for n, p in module.named_parameters()}
-    state = {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]  # fmt: skip
-    return module.state_dict(), {"state": state, "param_groups": groups}
-
-
-def set_live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                    optim_state: dict[str, Any] | None) -> None:  # fmt: skip
-    """Copy states laid out like live_states' into the module (and optimizer); no-op on themselves."""
-    with torch.no_grad():
-        live = dict(module.named_parameters())
-        live.update(module.named_buffers())
-        if set(model_state) - set(live):  # extra state a module saves itself: state_dict has it all
-            live = module.state_dict()
-        for key, t in live.items():
-            if key in model_state:
-                _copy_local(t, model_state[key])
-        if optim_state is None:
-            return
-        params = dict(module.named_parameters())
-        for name, entries in optim_state["state"].items():
-            live_state = optimizer.state[params[name]]
-            for key, value in entries.items():
-                if torch.is_tensor(value) and torch.is_tensor(live_state.get(key)):
-                    _copy_local(live_state[key], value)
-                else:
-                    live_state[key] = value
-    for group, saved in zip(optimizer.param_groups, optim_state["param_groups"], strict=False):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-
-
-def _copy_local(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src for tensors of the same layout (DTensors: their local shards)."""
-    dst = local_tensor(dst) if isinstance(dst, dtensor_type()) else dst
-    src = local_tensor(src) if isinstance(src, dtensor_type()) else src
-    if dst.data_ptr() != src.data_ptr() or dst.shape != src.shape:
-        dst.copy_(src)
-
-
-# ---------------------------------------------------------------- pieces
-
-
-@functools.cache
-def dtensor_type() -> type:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-@functools.lru_cache(maxsize=65536)
-def shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
-    """(global offset, local shape) of this rank's shard; cached, as a model has few distinct
-    (shape, placement) pairs and torch computes it in Python (tens of microseconds a tensor)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return list(offset), list(local_shape)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard without DTensor.to_local's autograd bookkeeping (no graph is
-    wanted when checkpointing; the attribute is what to_local returns)."""
-    local = getattr(t, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else t.to_local()
-
-
-def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
-    """The part of a (possibly DTensor) tensor this rank writes and its global offset, or None."""
-    if isinstance(t, dtensor_type()):
-        from torch.distributed.tensor import Replicate
-
-        coord = t.device_mesh.get_coordinate()
-        if coord is None:
-            return None
-        # Replicas of a shard are written once: by the rank at coordinate 0 of replicated mesh dims.
-        if any(isinstance(p, Replicate) and coord[i] != 0 for i, p in enumerate(t.placements)):
-            return None
-        offset, shape = shard_region(tuple(t.shape), t.device_mesh, tuple(t.placements))
-        local = local_tensor(t)
-        local = local[tuple(slice(0, s) for s in shape)] if list(local.shape) != shape else local
-        if local.numel() == 0:
-            return None
-        return local, offset
-    return t, [0] * t.ndim
-
-
-def _pieces_for_rank(
-    tensors: dict[str, torch.Tensor], rank: int, world: int, seen: set[int]
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Split a state into what this rank writes: its DTensor shards, and every world-th replicated tensor."""
-    plain = sorted(k for k, v in tensors.items() if not isinstance(v, dtensor_type()))
-    owner = {k: i % world for i, k in enumerate(plain)}
-    out, meta = {}, {}
-    for key, t in tensors.items():
-        meta[key] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "piece": None}
-        piece = None if key in owner and owner[key] != rank else _local_piece(t)
-        if piece is None:
-            continue
-        local, offset = piece
-        if local.device.type != "cpu":
-            local = local.to("cpu")
-        ptr = local.untyped_storage().data_ptr()
-        # safetensors refuses tensors sharing storage (tied weights, views of one buffer)
-        if ptr in seen or not local.is_contiguous():
-            local = local.clone().contiguous()
-        seen.add(ptr)
-        out[key] = local
-        meta[key]["piece"] = {"offset": offset, "shape": list(local.shape)}
-    return out, meta
-
-
 # ---------------------------------------------------------------- save
 
 
@@ -383,9 +191,10 @@ def save_checkpoint(
     """Write checkpoint `name` (step_<N> or best) under <run_dir>/checkpoints; every rank calls it.
 
     Returns the final folder, which is COMPLETE on rank 0's return (other ranks return once their
-    shard is flushed; anything that reads a checkpoint goes through rank 0 first). Retention
-    (keep_last) applies to step_* folders only, and runs after the new checkpoint is in place
-    and `latest` points at it. One collective: a barrier once every shard is flushed.
+    shard is flushed and its checksum handed to rank 0; anything that reads a checkpoint goes
+    through rank 0 first). Retention (keep_last) applies to step_* folders only, and runs after
+    the new checkpoint is in place and `latest` points at it. One collective: a gather of each
+    shard's size and checksum on rank 0.
     """
     root = Path(run_dir) / CKPT_DIR
     final = root / name
@@ -396,49 +205,36 @@ def save_checkpoint(
         _clear_stale(root, keep=tmp)
     _crash_point("before_shards", rank, step)
 
+    optim_tensors, optim_extra = flatten_optim(optim_state)
     side = None
     if rank == 0:  # the rank-independent files are written and flushed while the shard is
-        texts = {STATE: json.dumps(trainer_state, indent=1, default=_json_default), "config.yaml": config_text}
+        index = {"format": FORMAT, "version": VERSION, "world_size": world,
+                 "tensors": {**{f"model.{k}": v for k, v in layout(model_state, world, shard_name).items()},
+                             **{f"optim.{k}": v for k, v in layout(optim_tensors, world, shard_name).items()}},
+                 "optim": optim_extra}  # fmt: skip
+        texts = {STATE: json.dumps(trainer_state, indent=1, default=_json_default), "config.yaml": config_text,
+                 INDEX: json.dumps(index, default=_json_default)}  # fmt: skip
         side = _in_thread(_write_files, tmp, texts)
-    optim_tensors, optim_extra = flatten_optim(optim_state)
-    seen: set[int] = set()  # storages already in the file (safetensors refuses shared storage)
-    local_model, meta_model = _pieces_for_rank(model_state, rank, world, seen)
-    local_optim, meta_optim = _pieces_for_rank(optim_tensors, rank, world, seen)
+    tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
+    tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world).items()}
     rng_tensors, rng_meta = rng_state()
-    shard = tmp / shard_name(rank)
-    tensors = {f"model.{k}": v for k, v in local_model.items()} | {f"optim.{k}": v for k, v in local_optim.items()}
     tensors |= {f"rng.{k}": v for k, v in rng_tensors.items()}
-    save_file(tensors, str(shard), metadata={"format": FORMAT, **{f"rng.{k}": v for k, v in rng_meta.items()}})
-    _fsync_file(shard)
-    # What rank 0 needs for the index, handed over as a file next to the shard: a barrier is one
-    # cheap collective, where gathering Python objects takes two plus pickling.
-    part = {"file": shard.name, "xxh3_128": file_checksum(shard), "bytes": shard.stat().st_size,
-            "tensors": {f"{kind}.{k}": m for kind, meta in (("model", meta_model), ("optim", meta_optim))
-                        for k, m in meta.items()}}  # fmt: skip
-    part_text = json.dumps(part)
-    if rank != 0:
-        (tmp / f"{shard.name}.json").write_text(part_text)  # read once the barrier is passed
+    shard = tmp / shard_name(rank)
+    write_shard(shard, tensors, {"format": FORMAT, **{f"rng.{k}": v for k, v in rng_meta.items()}})
+    flushed = _in_thread(_fsync_file, shard)
+    checksum = file_checksum(shard)  # while the file system flushes it
+    size = shard.stat().st_size
+    flushed.result()
     _crash_point("between_shards", rank, step)
-    if _is_dist():
-        dist.barrier()
+    files = _gather_files(checksum, size, rank, world)
     if rank != 0:
         return final
 
     assert side is not None
-    parts = [part, *(read_json(tmp / f"{shard_name(r)}.json") for r in range(1, world))]
-    index_tensors: dict[str, Any] = {}
-    for p in parts:
-        for k, m in p["tensors"].items():
-            entry = index_tensors.setdefault(k, {"shape": m["shape"], "dtype": m["dtype"], "pieces": []})
-            if m["piece"] is not None:
-                entry["pieces"].append({"file": p["file"], **m["piece"]})
-    files = {p["file"]: {"xxh3_128": p["xxh3_128"], "bytes": p["bytes"]} for p in parts}
-    index = {"format": FORMAT, "version": VERSION, "world_size": world, "files": files,
-             "tensors": index_tensors, "optim": optim_extra}  # fmt: skip
-    (tmp / INDEX).write_text(json.dumps(index))
     _crash_point("before_complete", rank, step)
-    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")  # the last file written
-    _fsync_files([tmp / INDEX, tmp / COMPLETE])
+    # COMPLETE, written last, vouches for every shard: its size and checksum.
+    (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}) + "\n")
+    _fsync_files([tmp / COMPLETE])
     side.result()
     _finish_folder(root, tmp, final, keep={INDEX, STATE, "config.yaml", COMPLETE, *files})
     _crash_point("before_latest", rank, step)
@@ -447,6 +243,36 @@ def save_checkpoint(
         if keep_last:
             apply_retention(root, keep_last)
     return final
+
+
+def _gather_files(checksum: str, size: int, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Rank 0 collects every shard's size and xxh3-128 checksum, as int64s in one gather (no
+    pickling; non-zero ranks go on as soon as theirs is sent). Other ranks get {}."""
+    value = int(checksum, 16)
+    mine = torch.tensor([size, *(_signed64(value >> s & 0xFFFFFFFFFFFFFFFF) for s in (64, 0))], dtype=torch.int64)
+    rows = [mine]
+    if _is_dist():
+        mine = mine.to(collective_device())
+        rows = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+        dist.gather(mine, rows, dst=0)
+    if rank != 0:
+        return {}
+    out = {}
+    for r, row in enumerate(rows):
+        nbytes, hi, lo = (int(x) & 0xFFFFFFFFFFFFFFFF for x in row.tolist())
+        out[shard_name(r)] = {"xxh3_128": f"{hi << 64 | lo:032x}", "bytes": nbytes}
+    return out
+
+
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def collective_device() -> torch.device:
+    """Where the default process group's tensors live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _clear_stale(root: Path, keep: Path) -> None:
@@ -471,8 +297,8 @@ def _finish_folder(root: Path, tmp: Path, final: Path, keep: set[str]) -> None:
     """Rename the flushed temp folder into place (rank 0): the step that makes a checkpoint exist.
 
     The folder may hold files of a crashed save of the same name: its shards were overwritten by
-    this save and any other file (a rank's hand-over note, or a shard of a rank that no longer
-    exists) is removed here. An older folder of the same name (best/) is moved aside, replaced,
+    this save and any other file (a shard of a rank that no longer exists, or a file of an older
+    format) is removed here. An older folder of the same name (best/) is moved aside, replaced,
     then deleted.
     """
     for leftover in tmp.iterdir():
@@ -531,10 +357,12 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
 
 
-def verify(path: str | os.PathLike) -> dict[str, Any]:
+def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Check a checkpoint folder is COMPLETE and every file matches its recorded size and checksum.
 
-    Returns the index; raises CheckpointError naming the first bad file.
+    With world > 1, this rank hashes only every world-th file (sizes are checked on all), so the
+    ranks share the reading; trainer_checkpoint.choose combines their verdicts. Returns the
+    index; raises CheckpointError naming the first bad file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -544,17 +372,35 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     index = read_json(path / INDEX)
     if index.get("format") != FORMAT:
         raise CheckpointError(f"{path / INDEX} is not a distrain checkpoint index")
-    for fname, info in index["files"].items():
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file {f} has {size} bytes, {info['bytes']} were written (truncated?)")
-        if file_checksum(f) != info["xxh3_128"]:
-            raise CheckpointError(f"checkpoint file {f} fails its checksum (corrupted)")
     read_json(path / STATE)
+    files = recorded_files(path, index)
+    for i, fname in enumerate(sorted(files)):
+        _check_file(path / fname, files[fname], hash_it=i % world == rank)
     return index
+
+
+def recorded_files(path: Path, index: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """file -> {xxh3_128, bytes} as recorded at save: in COMPLETE (format 3) or the index (2)."""
+    files = index.get("files") or read_json(path / COMPLETE).get("files")
+    if not files:
+        raise CheckpointError(f"{path / COMPLETE} records no files")
+    return files
+
+
+def verify_file(path: Path, fname: str) -> None:
+    """Check one recorded file's size and checksum; CheckpointError naming it if either is off."""
+    _check_file(path / fname, recorded_files(path, read_json(path / INDEX))[fname], hash_it=True)
+
+
+def _check_file(f: Path, info: dict[str, Any], hash_it: bool) -> None:
+    try:
+        size = f.stat().st_size
+    except OSError:
+        raise CheckpointError(f"checkpoint file {f} is missing") from None
+    if size != info["bytes"]:
+        raise CheckpointError(f"checkpoint file {f} has {size} bytes, {info['bytes']} were written (truncated?)")
+    if hash_it and file_checksum(f) != info["xxh3_128"]:
+        raise CheckpointError(f"checkpoint file {f} fails its checksum (corrupted)")
 
 
 def find_resumable(run_dir: str | os.PathLike) -> Path | None:

@@ -8,49 +8,53 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from distrain.checkpoint import (
-    INDEX,
-    CheckpointError,
+from distrain.checkpoint import INDEX, CheckpointError, read_json, shard_name, verify
+from distrain.checkpoint_state import (
     dtensor_type,
     flatten_optim,
     local_tensor,
-    read_json,
     set_rng_state,
-    shard_name,
     shard_region,
     unflatten_optim,
-    verify,
 )
+from distrain.shard_file import ShardFile, ShardFileError
 
 
 class _Reader:
-    """Reads any region of a saved tensor from the pieces that overlap it."""
+    """Reads any region of a saved tensor from the pieces that overlap it (views of mapped files)."""
 
     def __init__(self, path: Path, index: dict[str, Any]):
         self.path, self.index = path, index
-        self._handles: dict[str, Any] = {}
+        self._files: dict[str, ShardFile] = {}
 
-    def _open(self, fname: str) -> Any:
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
-        return self._handles[fname]
+    def _piece(self, key: str, piece: dict[str, Any]) -> torch.Tensor:
+        fname = piece["file"]
+        try:
+            if fname not in self._files:
+                self._files[fname] = ShardFile(self.path / fname)
+            t = self._files[fname].tensor(key)
+        except ShardFileError as e:
+            raise CheckpointError(f"checkpoint file {e}") from None
+        if list(t.shape) != piece["shape"]:
+            raise CheckpointError(f"checkpoint {self.path}: {key} in {fname} has shape {list(t.shape)}, "
+                                  f"the index says {piece['shape']}")  # fmt: skip
+        return t
 
-    def read(self, key: str, offset: Iterable[int] | None = None, shape: Iterable[int] | None = None) -> torch.Tensor:
+    def read(self, key: str, offset: list[int] | None = None, shape: list[int] | None = None) -> torch.Tensor:
+        """The saved values of `key` (or of its region offset+shape), a view of the files when one
+        piece holds them all; copy before changing it."""
         entry = self.index["tensors"][key]
         full = entry["shape"]
-        if offset is None and len(entry["pieces"]) == 1 and entry["pieces"][0]["shape"] == full:
-            return self._open(entry["pieces"][0]["file"]).get_tensor(key)  # the whole tensor in one piece
-        offset = list(offset) if offset is not None else [0] * len(full)
-        shape = list(shape) if shape is not None else list(full)
-        if not full:  # 0-dim (e.g. Adam's step)
-            return self._open(entry["pieces"][0]["file"]).get_tensor(key)
+        offset = offset if offset is not None else [0] * len(full)
+        shape = shape if shape is not None else full
+        for piece in entry["pieces"]:  # the usual case: one piece is exactly the region
+            if piece["offset"] == offset and piece["shape"] == shape:
+                return self._piece(key, piece)
         out = None
         covered = 0
         for piece in entry["pieces"]:
@@ -59,13 +63,7 @@ class _Reader:
             hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, po, ps, strict=True)]
             if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
                 continue
-            handle = self._open(piece["file"])
-            if lo == po and hi == [b + m for b, m in zip(po, ps, strict=True)]:
-                src = handle.get_tensor(key)
-            else:
-                src = handle.get_slice(key)[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, po, strict=True))]
-            if lo == offset and [h - a for a, h in zip(lo, hi, strict=True)] == shape:
-                return src
+            src = self._piece(key, piece)[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, po, strict=True))]
             if out is None:
                 out = torch.empty(shape, dtype=src.dtype)
             out[tuple(slice(a - o, h - o) for a, h, o in zip(lo, hi, offset, strict=True))] = src
@@ -75,7 +73,7 @@ class _Reader:
         return out
 
     def close(self) -> None:
-        self._handles.clear()
+        self._files.clear()  # the maps close once no tensor views them
 
 
 def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
@@ -118,15 +116,17 @@ def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_s
 
 
 def load_states(
-    path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None
+    path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
+    index: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Copy the saved values into the tensors of the given model and optimizer states, in place.
 
     The states are Backend.checkpoint_state's, whose tensors are the live weights and optimizer
     moments (or their shards), so loading needs no second copy of the model in memory. Returns
-    the model state and the optimizer state with the saved hyper-parameters and scalars.
+    the model state and the optimizer state with the saved hyper-parameters and scalars. `index`:
+    the checkpoint's index.json if already read (verify returns it).
     """
-    index = read_json(path / INDEX)
+    index = index if index is not None else read_json(path / INDEX)
     targets: dict[str, torch.Tensor] = {}
     if optim_state is not None:
         targets, _ = flatten_optim(optim_state)
@@ -154,10 +154,12 @@ def load_rng(path: Path, rank: int) -> bool:
     f = path / shard_name(rank)
     if not f.is_file():
         return False
-    with safe_open(str(f), framework="pt") as h:
-        tensors = {k[4:]: h.get_tensor(k) for k in h.keys() if k.startswith("rng.")}  # noqa: SIM118
-        meta = {k[4:]: v for k, v in h.metadata().items() if k.startswith("rng.")}
-    set_rng_state(tensors, meta)
+    try:
+        shard = ShardFile(f)
+        tensors = {k[4:]: shard.tensor(k).clone() for k in shard.entries if k.startswith("rng.")}
+    except ShardFileError as e:
+        raise CheckpointError(f"checkpoint file {e}") from None
+    set_rng_state(tensors, {k[4:]: v for k, v in shard.metadata.items() if k.startswith("rng.")})
     return True
 
 

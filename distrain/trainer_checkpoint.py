@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,16 @@ import numpy as np
 import torch
 
 from distrain.checkpoint import (
+    CKPT_DIR,
+    COMPLETE,
     INDEX,
     STATE,
     CheckpointError,
+    collective_device,
     config_hash,
-    find_resumable,
     read_json,
-    resolve,
     save_checkpoint,
+    step_dirs,
     verify,
     versions,
 )
@@ -30,26 +33,53 @@ from distrain.checkpoint_load import check_fits, load_rng, load_states
 log = logging.getLogger("distrain")
 
 
-def choose(resume: str, run_dir: Path, rank: int) -> Path | None:
-    """Rank 0 picks and verifies the checkpoint to resume from; every rank gets the same answer."""
-    answer: list[Any] = [None]
-    if rank == 0:
+def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its index; all ranks call it and get the same answer.
+
+    `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
+    `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
+    The ranks share the checksum work (each hashes every world-th file) and agree through one
+    all-reduce per candidate, which also stops ranks that see different folders.
+    """
+    p = Path(run_dir if resume == "auto" else resume)
+    explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
+    candidates = [p] if explicit else list(reversed(step_dirs((p.parent if p.name == CKPT_DIR else p) / CKPT_DIR)))
+    for candidate in candidates:
+        index, error = _verify_together(candidate, len(candidates), rank, world)
+        if index is not None:
+            return candidate, index
+        if explicit:
+            raise CheckpointError(error)
+        if rank == 0:
+            log.warning("skipping checkpoint: %s", error)
+    if resume == "auto":
+        return None
+    raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
+
+
+def _verify_together(path: Path, n_candidates: int, rank: int, world: int) -> tuple[dict[str, Any] | None, str]:
+    """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong)."""
+    try:
+        index, error = verify(path, rank, world), ""
+    except CheckpointError as e:
+        index, error = None, str(e)
+    if world == 1 or not torch.distributed.is_initialized():
+        return index, error
+    ident = zlib.crc32(path.name.encode())
+    verdict = torch.tensor([index is None, ident, -ident, n_candidates, -n_candidates], dtype=torch.int64)
+    verdict = verdict.to(collective_device())
+    torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+    failed, hi, neg_lo, n_hi, neg_n_lo = verdict.tolist()
+    if (hi, n_hi) != (-neg_lo, -neg_n_lo):
+        raise CheckpointError(f"ranks see different checkpoints in {path.parent}; it must be on a shared file system")
+    if failed and index is not None:  # another rank found the fault: find it here too, to name it
         try:
-            if resume == "auto":
-                found = find_resumable(run_dir)
-                answer = [("ok", str(found) if found else None)]
-            else:
-                p = resolve(resume)
-                verify(p)
-                answer = [("ok", str(p))]
+            verify(path)
+            error = f"checkpoint {path} failed verification on another rank"
         except CheckpointError as e:
-            answer = [("error", str(e))]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]  # type: ignore[misc]
-    if kind == "error":
-        raise CheckpointError(value)
-    return Path(value) if value else None
+            error = str(e)
+        index = None
+    return index, error
 
 
 def trainer_state(trainer: Any) -> dict[str, Any]:
@@ -105,11 +135,12 @@ def resume(trainer: Any) -> Path | None:
     cfg = trainer.cfg
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
-    path = choose(str(cfg.resume), trainer.run_dir, trainer.rank)
-    if path is None:
+    chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size)
+    if chosen is None:
         log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
         return None
-    index, state = read_json(path / INDEX), read_json(path / STATE)
+    path, index = chosen
+    state = read_json(path / STATE)
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     check_fits(path, index, state, model_state, trainer.recipe.name)
     best = _best_checkpoint(path, state)
@@ -117,7 +148,7 @@ def resume(trainer: Any) -> Path | None:
         best_values, _ = load_states(best, model_state, None)
         trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
-    model_values, optim_values = load_states(path, model_state, optim_state)
+    model_values, optim_values = load_states(path, model_state, optim_state, index)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
     if state["train_state"].get("best_step") == state["train_state"].get("step"):
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)

@@ -12,6 +12,7 @@ import torch
 
 from distrain import checkpoint as ck
 from distrain import checkpoint_load, trainer_checkpoint
+from distrain.checkpoint_state import flatten_optim
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
 
@@ -22,7 +23,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
-    tensors, _ = ck.flatten_optim(optim_state)
+    tensors, _ = flatten_optim(optim_state)
     out = {f"model.{k}": full(v) for k, v in model_state.items()}
     return out | {f"optim.{k}": full(v) for k, v in tensors.items()}
 
@@ -34,7 +35,7 @@ def main() -> None:
     saved = snapshot(trainer)
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     with torch.no_grad():  # perturb everything the checkpoint holds
-        for t in [*model_state.values(), *ck.flatten_optim(optim_state)[0].values()]:
+        for t in [*model_state.values(), *flatten_optim(optim_state)[0].values()]:
             (t.to_local() if hasattr(t, "to_local") else t).add_(1.0)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_state, optim_state)
     assert any(not torch.equal(v, saved[k]) for k, v in snapshot(trainer).items()), "perturbation had no effect"

@@ -1,0 +1,95 @@
+"""One safetensors file of a checkpoint: written by the safetensors serializer, read through a
+memory map.
+
+Both directions skip per-tensor Python work that dominates small states (a har shard holds ~70
+tensors): `safetensors.torch.save_file` spends ~20 us a tensor checking for shared storage and
+building numpy views before its Rust serializer runs, and `safe_open(...).get_tensor` ~11 us a
+tensor. Writing passes `safetensors.TensorSpec`s (pointer, length, dtype, shape) straight to
+the library's serializer; the checkpoint code guarantees what it needs (CPU, contiguous), and
+tensors sharing storage are simply written twice. Reading parses the format's header (8-byte little-endian length,
+JSON) and returns views of a private memory map, so a tensor costs one `torch.frombuffer`.
+tests/test_shard_file.py checks both against `safetensors.torch.save_file` / `load_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+
+# safetensors' dtype names, as its own loader maps them
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+}  # fmt: skip
+
+
+class ShardFileError(ValueError):
+    """A file that is not a readable safetensors file (its path and what is wrong in the message)."""
+
+
+def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write CPU, contiguous tensors as one safetensors file (not flushed). Tensors may share
+    storage (tied weights): each is written in full, as the reader expects."""
+    if sys.byteorder != "little":  # the format is little-endian and the serializer copies raw bytes
+        raise RuntimeError("distrain checkpoints need a little-endian machine")
+    specs = {
+        name: safetensors.TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                                     data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+        for name, t in tensors.items()
+    }  # fmt: skip
+    safetensors.serialize_file(specs, str(path), metadata=metadata)
+
+
+class ShardFile:
+    """A safetensors file mapped into memory; `tensor(name)` is a view of its bytes (copy it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 8:
+                    raise ShardFileError(f"{self.path} is too short to be a safetensors file ({size} bytes)")
+                # A private (copy-on-write) map is writable, which torch.frombuffer wants; nothing writes to it.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise ShardFileError(f"{self.path} is unreadable: {e}") from None
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        if header_len > size - 8:
+            raise ShardFileError(f"{self.path}: header of {header_len} bytes in a file of {size} (truncated?)")
+        try:
+            header = json.loads(self._map[8 : 8 + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardFileError(f"{self.path}: unreadable header ({e})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self._data = 8 + header_len
+        self._size = size
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name`, viewing the mapped file (read-only use: copy it before changing it)."""
+        try:
+            entry = self.entries[name]
+            dtype = DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            shape = entry["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise ShardFileError(f"{self.path} has no readable tensor {name!r}") from None
+        count = 1
+        for n in shape:
+            count *= n
+        if end - begin != count * dtype.itemsize or self._data + end > self._size or begin < 0:
+            raise ShardFileError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size")
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + begin).view(shape)
