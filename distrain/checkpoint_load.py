@@ -17,9 +17,9 @@ from distrain.checkpoint import INDEX, CheckpointError, read_json, shard_name, v
 from distrain.checkpoint_state import (
     dtensor_type,
     flatten_optim,
+    geometry,
     local_tensor,
     set_rng_state,
-    shard_region,
     unflatten_optim,
 )
 from distrain.shard_file import ShardFile, ShardFileError
@@ -81,8 +81,9 @@ def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
     if not isinstance(target, dtensor_type()):
         target.copy_(reader.read(key))
         return
-    offset, shape = shard_region(tuple(target.shape), target.device_mesh, tuple(target.placements))
-    if math.prod(shape) == 0:
+    geo = geometry(target)
+    offset, shape = geo.offset, geo.shape
+    if not all(shape):
         return
     local = local_tensor(target)
     if list(local.shape) != shape:  # a padded local shard: the padding stays as it is

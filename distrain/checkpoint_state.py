@@ -10,6 +10,7 @@ tensor by rank `i % world` for the i-th such tensor in name order, so all ranks 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -87,7 +88,8 @@ def live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     The layout of DCP's get_state_dict (plain tensors, or DTensor shards under FSDP2; optimizer
     state {"state": {name: {...}}, "param_groups": [...]}) without its per-call bookkeeping,
     which costs milliseconds and dominates small checkpoints. An optimizer that has not stepped
-    yet gets its state first (a zero-lr step, as DCP does).
+    yet gets its state first (a zero-lr step, as DCP does). The model state holds the
+    parameters themselves (keep_vars: a DTensor's detach costs ~20 us); nothing here needs grad.
     """
     if not optimizer.state:
         from torch.distributed.checkpoint.state_dict import _init_optim_state
@@ -97,28 +99,29 @@ def live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     state = {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]  # fmt: skip
-    return module.state_dict(), {"state": state, "param_groups": groups}
+    return module.state_dict(keep_vars=True), {"state": state, "param_groups": groups}
 
 
 def set_live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
                     optim_state: dict[str, Any] | None) -> None:  # fmt: skip
-    """Copy states laid out like live_states' into the module (and optimizer); no-op on themselves."""
+    """Copy states laid out like live_states' into the module (and optimizer); tensors that are
+    the live ones (loaded in place) are skipped, hyper-parameters and scalars are set."""
     with torch.no_grad():
-        live = dict(module.named_parameters())
-        live.update(module.named_buffers())
-        if set(model_state) - set(live):  # extra state a module saves itself: state_dict has it all
-            live = module.state_dict()
-        for key, t in live.items():
-            if key in model_state:
-                _copy_local(t, model_state[key])
+        for key, t in module.state_dict(keep_vars=True).items():
+            value = model_state.get(key)
+            if value is not None and value is not t:
+                _copy_local(t, value)
         if optim_state is None:
             return
         params = dict(module.named_parameters())
         for name, entries in optim_state["state"].items():
             live_state = optimizer.state[params[name]]
             for key, value in entries.items():
-                if torch.is_tensor(value) and torch.is_tensor(live_state.get(key)):
-                    _copy_local(live_state[key], value)
+                current = live_state.get(key)
+                if value is current:
+                    continue
+                if torch.is_tensor(value) and torch.is_tensor(current):
+                    _copy_local(current, value)
                 else:
                     live_state[key] = value
     for group, saved in zip(optimizer.param_groups, optim_state["param_groups"], strict=False):
@@ -143,16 +146,6 @@ def dtensor_type() -> type:
     return DTensor
 
 
-@functools.lru_cache(maxsize=65536)
-def shard_region(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[list[int], list[int]]:
-    """(global offset, local shape) of this rank's shard; cached, as a model has few distinct
-    (shape, placement) pairs and torch computes it in Python (tens of microseconds a tensor)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return list(offset), list(local_shape)
-
-
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard without DTensor.to_local's autograd bookkeeping (no graph is
     wanted when checkpointing; the attribute is what to_local returns)."""
@@ -170,44 +163,60 @@ def _replicated(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k, v in tensors.items() if not isinstance(v, dt))
 
 
-Region = tuple[int, list[int], list[int]]  # (rank, global offset, shape)
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where a DTensor's shards lie: this rank's (global offset, unpadded shape, whether it writes
+    it) and every written shard as (rank, offset, shape). Only non-empty shards are written, each
+    once per replica group (by the rank at coordinate 0 of replicated mesh dims)."""
+
+    offset: list[int]
+    shape: list[int]
+    writes: bool
+    regions: tuple[tuple[int, list[int], list[int]], ...]
 
 
-@functools.lru_cache(maxsize=65536)
-def _all_shard_regions(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> tuple[Region, ...]:
-    """(rank, global offset, shape) of every non-empty shard of a DTensor that gets written: one
-    per replica group (the rank at coordinate 0 of replicated mesh dims), as rank_tensors writes."""
+_GEOMETRY: dict[int, tuple[Any, Geometry]] = {}
+
+
+def geometry(t: torch.Tensor) -> Geometry:
+    """A DTensor's Geometry, cached by its (immutable) spec: torch computes shard offsets in Python
+    and hashing a mesh and placements costs microseconds, per tensor and per save or load. The
+    cache holds the spec, so its id is not reused while the entry lives."""
+    spec = t._spec  # type: ignore[attr-defined]
+    hit = _GEOMETRY.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-    ranks = mesh.mesh
-    out = []
+    shape, placements, ranks = tuple(t.shape), tuple(spec.placements), spec.mesh.mesh
+    regions = []
     for coord in itertools.product(*(range(n) for n in ranks.shape)):
         if any(isinstance(p, Replicate) and coord[i] != 0 for i, p in enumerate(placements)):
             continue
         local_shape, offset = _compute_local_shape_and_global_offset(shape, tuple(ranks.shape), list(coord), placements)
         if all(local_shape):
-            out.append((int(ranks[coord]), list(offset), list(local_shape)))
-    mine = mesh.get_coordinate()
-    if mine is not None:  # the same arithmetic as this rank's own shard, or the index would lie
-        own = [(o, s) for r, o, s in out if r == int(ranks[tuple(mine)])]
-        offset, local_shape = shard_region(shape, mesh, placements)
-        if own and own[0] != (offset, local_shape):
-            raise RuntimeError(f"shard geometry of a {shape} DTensor disagrees: {own[0]} vs {(offset, local_shape)}")
-    return tuple(out)
+            regions.append((int(ranks[coord]), list(offset), list(local_shape)))
+    mine = spec.mesh.get_coordinate()
+    if mine is None:
+        geo = Geometry([0] * len(shape), [0] * len(shape), False, tuple(regions))
+    else:
+        local_shape, offset = _compute_local_shape_and_global_offset(shape, tuple(ranks.shape), mine, placements)
+        me = int(ranks[tuple(mine)])
+        geo = Geometry(list(offset), list(local_shape), any(r == me for r, _, _ in regions), tuple(regions))
+    if len(_GEOMETRY) > 65536:  # specs of tensors long gone
+        _GEOMETRY.clear()
+    _GEOMETRY[id(spec)] = (spec, geo)
+    return geo
 
 
 def _local_shard(t: torch.Tensor) -> torch.Tensor | None:
-    """The part of a DTensor this rank writes, or None (see _all_shard_regions)."""
-    from torch.distributed.tensor import Replicate
-
-    coord = t.device_mesh.get_coordinate()
-    if coord is None or any(isinstance(p, Replicate) and coord[i] != 0 for i, p in enumerate(t.placements)):
+    """The part of a DTensor this rank writes, or None (see Geometry)."""
+    geo = geometry(t)
+    if not geo.writes:
         return None
-    _, shape = shard_region(tuple(t.shape), t.device_mesh, tuple(t.placements))
     local = local_tensor(t)
-    local = local[tuple(slice(0, s) for s in shape)] if list(local.shape) != shape else local  # padded shard
-    return local if local.numel() else None
+    return local[tuple(slice(0, s) for s in geo.shape)] if list(local.shape) != geo.shape else local  # padded
 
 
 def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -235,7 +244,6 @@ def layout(tensors: dict[str, torch.Tensor], world: int, file_of: Callable[[int]
         if key in owner:
             pieces = [{"file": file_of(owner[key]), "offset": [0] * t.ndim, "shape": list(t.shape)}]
         else:
-            regions = _all_shard_regions(tuple(t.shape), t.device_mesh, tuple(t.placements))
-            pieces = [{"file": file_of(r), "offset": o, "shape": s} for r, o, s in regions]
+            pieces = [{"file": file_of(r), "offset": o, "shape": s} for r, o, s in geometry(t).regions]
         out[key] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "pieces": pieces}
     return out

@@ -496,6 +496,7 @@ class Trainer:
 
     def _finish(self, exit_code: int, wall: float) -> dict[str, Any]:
         s = self.state
+        checkpoint.flush_pending()  # `latest` and retention of the last saves, done in the background
         final = self.backend.full_state_dict(self.model)
         if self.rank == 0:
             save_weights(final, self.run_dir / "model.safetensors", metadata={"step": str(s.step)})
