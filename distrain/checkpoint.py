@@ -45,7 +45,7 @@ from distrain.shard_file import write_shard
 log = logging.getLogger("distrain")
 
 FORMAT = "distrain-checkpoint"
-VERSION = 3  # 2: one shard file per rank (model, optimizer, RNG); 3: checksums in COMPLETE
+VERSION = 3  # 3: one shard file per rank (model, optimizer, RNG), checksums in COMPLETE
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -424,24 +424,26 @@ def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, 
     index = read_json(path / INDEX)
     if index.get("format") != FORMAT:
         raise CheckpointError(f"{path / INDEX} is not a distrain checkpoint index")
+    if index.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {index.get('version')}; this distrain "
+                              f"reads version {VERSION} (use the distrain that wrote it to export it)")  # fmt: skip
     read_json(path / STATE)
-    files = recorded_files(path, index)
+    files = _recorded_files(path)
     for i, fname in enumerate(sorted(files)):
         _check_file(path / fname, files[fname], hash_it=i % world == rank)
     return index
 
 
-def recorded_files(path: Path, index: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """file -> {xxh3_128, bytes} as recorded at save: in COMPLETE (format 3) or the index (2)."""
-    files = index.get("files") or read_json(path / COMPLETE).get("files")
-    if not files:
-        raise CheckpointError(f"{path / COMPLETE} records no files")
+def _recorded_files(path: Path) -> dict[str, dict[str, Any]]:
+    """file -> {xxh3_128, bytes} as COMPLETE records them."""
+    complete = read_json(path / COMPLETE)
+    files = complete.get("files") if isinstance(complete, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("xxh3_128"), str)
+        for v in files.values()
+    ):
+        raise CheckpointError(f"{path / COMPLETE} does not record the checkpoint's files (damaged?)")
     return files
-
-
-def verify_file(path: Path, fname: str) -> None:
-    """Check one recorded file's size and checksum; CheckpointError naming it if either is off."""
-    _check_file(path / fname, recorded_files(path, read_json(path / INDEX))[fname], hash_it=True)
 
 
 def _check_file(f: Path, info: dict[str, Any], hash_it: bool) -> None:

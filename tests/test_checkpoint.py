@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from distrain import checkpoint as ck
 from distrain import checkpoint_load
+from distrain.checkpoint_state import live_states
 from distrain.export import export, load_weights_dir
 
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
@@ -130,6 +131,29 @@ def test_retention_keeps_the_newest_complete_checkpoints(tmp_path):
     (root / "best").mkdir()
     ck.apply_retention(root, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["best", ck.step_name(3), ck.step_name(4), ck.step_name(5)]
+
+
+def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_path):
+    """`latest` and retention run after save_checkpoint returns; flush_pending waits for them."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in range(1, 5):
+        path = ck.save_checkpoint(tmp_path, ck.step_name(step), *live_states(model, opt), {"step": step}, "x: 1\n",
+                                  keep_last=2)  # fmt: skip
+        assert path.name == ck.step_name(step) and (path / ck.COMPLETE).is_file()  # committed on return
+    ck.flush_pending()
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == ck.step_name(4)
+    assert [p.name for p in ck.step_dirs(root)] == [ck.step_name(3), ck.step_name(4)]
+    complete = json.loads((root / ck.step_name(4) / ck.COMPLETE).read_text())
+    assert complete["step"] == 4 and set(complete["files"]) == {ck.shard_name(0)}
+    shard = root / ck.step_name(4) / ck.shard_name(0)
+    assert complete["files"][ck.shard_name(0)]["bytes"] == shard.stat().st_size
+    assert complete["files"][ck.shard_name(0)]["xxh3_128"] == ck.file_checksum(shard)
+    (root / ck.step_name(4) / ck.COMPLETE).write_text('{"step": 4}\n')  # a damaged commit record
+    with pytest.raises(ck.CheckpointError, match="COMPLETE does not record the checkpoint's files"):
+        ck.verify(root / ck.step_name(4))
+    assert ck.find_resumable(tmp_path).name == ck.step_name(3)
 
 
 def _copy_run(straight: Path, dest: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from distrain import checkpoint as ck
 from distrain.export import export, load_weights_dir
+from distrain.shard_file import ShardFile
 
 from helpers import BIN, REPO, TINY_HAR, free_port, metrics_rows, run_distrain, weights
 
@@ -61,6 +63,24 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_index_matches_shards(path: Path, world: int) -> None:
+    """Rank 0 writes the piece map of every rank from shapes alone; check it against the files
+    the ranks wrote: every piece is in its file with its shape, every saved tensor is indexed, and
+    each tensor's pieces tile it exactly (element counts add up, no element twice)."""
+    index = ck.read_json(path / ck.INDEX)
+    files = {f: ShardFile(path / f) for f in (ck.shard_name(r) for r in range(world))}
+    indexed = set()
+    for key, entry in index["tensors"].items():
+        covered = torch.zeros(entry["shape"], dtype=torch.int64)
+        for piece in entry["pieces"]:
+            assert list(files[piece["file"]].tensor(key).shape) == piece["shape"], (key, piece)
+            covered[tuple(slice(o, o + n) for o, n in zip(piece["offset"], piece["shape"], strict=True))] += 1
+            indexed.add((piece["file"], key))
+        assert bool((covered == 1).all()), key
+    saved = {(f, k) for f, shard in files.items() for k in shard.entries if not k.startswith("rng.")}
+    assert saved == indexed
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """ddp: straight 30 steps (saves 10, 20, 30); fsdp: FSDP2 resumed from ddp step 10."""
@@ -80,6 +100,7 @@ def test_ddp_exact_resume_and_reshard_to_one_process_and_fsdp(runs):
     assert_same_weights(weights(root / "ddp_resumed"), weights(ddp))
     assert_close(ddp, root / "ddp_to_1", 11, 30)
     assert_same_weights(load_weights_dir(export(ddp, root / "ddp_export")), weights(ddp))
+    assert_index_matches_shards(ddp / "checkpoints" / ck.step_name(30), world=2)
     run_distrain([*CFG, f"output_dir={runs['fsdp']}", ckpt(ddp, 10)], "cpu_fsdp")  # DDP -> FSDP2
     assert_close(ddp, runs["fsdp"], 11, 30)
     state = ck.read_json(runs["fsdp"] / "checkpoints" / ck.step_name(20) / ck.STATE)
@@ -95,6 +116,7 @@ def test_fsdp_exact_resume_and_reshard_to_one_process_and_ddp(runs):
         ([*CFG, f"output_dir={root / 'fsdp_to_ddp'}", ckpt(fsdp, 20)], "cpu_ddp"),
     )
     assert_exact(fsdp, root / "fsdp_resumed", 21, 30)
+    assert_index_matches_shards(fsdp / "checkpoints" / ck.step_name(20), world=2)
     assert_same_weights(weights(root / "fsdp_resumed"), weights(fsdp))
     assert_close(fsdp, root / "fsdp_to_ddp", 21, 30)
     # FSDP2 -> 1 process, which saves a single-process checkpoint at 25 that resumes on 2 (DDP and FSDP2)
@@ -111,6 +133,23 @@ def test_fsdp_exact_resume_and_reshard_to_one_process_and_ddp(runs):
     # export from a sharded FSDP2 checkpoint equals the trained (consolidated) weights
     out = export(fsdp, root / "fsdp_export")
     assert_same_weights(load_weights_dir(out), weights(fsdp))
+
+
+def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(runs, tmp_path):
+    """The ranks share the checksum work (rank r hashes every world-th file); rank 0 never reads
+    shard-00001's bytes when verifying, yet resume=auto must skip the damaged checkpoint on
+    both ranks, name the file, and continue exactly from the one before."""
+    run = tmp_path / "damaged"
+    shutil.copytree(runs["ddp"] / "checkpoints", run / "checkpoints")
+    shard = run / "checkpoints" / ck.step_name(30) / ck.shard_name(1)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_distrain([*CFG, f"output_dir={run}", "resume=auto"], "cpu_ddp")
+    assert re.search(r"skipping checkpoint: checkpoint file \S*step_00000030/shard-00001\.safetensors fails its "
+                     r"checksum", proc.stderr), proc.stderr[-3000:]  # fmt: skip
+    assert_exact(runs["ddp"], run, 21, 30)
+    ck.verify(run / "checkpoints" / ck.step_name(30))  # re-saved over the damaged one
 
 
 @pytest.mark.slow
