@@ -173,14 +173,14 @@ def main() -> None:
                 rows.append((name, ref["params"], backend, r["bytes"], ref["bytes"], r["save"], ref["save"],
                              r["load"], ref["load"], r["ref_both"]))  # fmt: skip
             (Path(tmp) / "reference.safetensors").unlink()
-    print("| model | params | backend | ckpt MB | ref MB | save s | ref save s | save ratio | load s | ref load s "
-          "| load ratio | ref load, both ranks s (ratio) |")  # fmt: skip
+    print("| model | params | backend | ckpt MB | ref MB | save ms | ref save ms | save ratio | load ms | ref load ms "
+          "| load ratio | ref load, both ranks ms (ratio) |")  # fmt: skip
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, params, backend, b, rb, s, rs, lo, rl, both in rows:
-        floor = "-" if both is None else f"{both:.3f} ({both / rl:.2f})"
-        print(f"| {name} | {params / 1e6:.1f}M | {backend} | {b / 1e6:.1f} | {rb / 1e6:.1f} | {s:.3f} | {rs:.3f} | "
-              f"{s / rs:.2f} | {lo:.3f} | {rl:.3f} | {lo / rl:.2f} | {floor} |")  # fmt: skip
-
+        floor = "-" if both is None else f"{both * 1e3:.1f} ({both / rl:.2f})"
+        ms = [f"{x * 1e3:.1f}" for x in (s, rs, lo, rl)]
+        print(f"| {name} | {params / 1e6:.1f}M | {backend} | {b / 1e6:.1f} | {rb / 1e6:.1f} | {ms[0]} | {ms[1]} | "
+              f"{s / rs:.2f} | {ms[2]} | {ms[3]} | {lo / rl:.2f} | {floor} |")  # fmt: skip
 
 if __name__ == "__main__":
     main()
