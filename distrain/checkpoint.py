@@ -159,7 +159,9 @@ def _after_commit(fn: Any, *args: Any) -> None:
     global _AFTER
     if _AFTER is None:
         _AFTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-after")
-    _PENDING[:] = [f for f in _PENDING if not f.done()]
+    for done in [f for f in _PENDING if f.done()]:
+        _PENDING.remove(done)
+        done.result()  # an earlier one that failed raises here, at the next save, not never
     _PENDING.append(_AFTER.submit(fn, *args))
 
 
