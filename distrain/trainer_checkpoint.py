@@ -38,14 +38,17 @@ def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1) -> tuple[P
 
     `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
     `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
-    The ranks share the checksum work (each hashes every world-th file) and agree through one
-    all-reduce per candidate, which also stops ranks that see different folders.
+    The ranks share the checksum work (each hashes every world-th eighth of the files) and agree
+    through one all-reduce per candidate (at least one, so ranks that see different folders, even
+    none, stop with an error instead of waiting for each other).
     """
     p = Path(run_dir if resume == "auto" else resume)
     explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
     candidates = [p] if explicit else list(reversed(step_dirs((p.parent if p.name == CKPT_DIR else p) / CKPT_DIR)))
-    for candidate in candidates:
+    for candidate in candidates or [None]:
         index, error = _verify_together(candidate, len(candidates), rank, world)
+        if candidate is None:
+            break
         if index is not None:
             return candidate, index
         if explicit:
@@ -57,22 +60,24 @@ def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1) -> tuple[P
     raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
 
 
-def _verify_together(path: Path, n_candidates: int, rank: int, world: int) -> tuple[dict[str, Any] | None, str]:
-    """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong)."""
+def _verify_together(path: Path | None, n_candidates: int, rank: int, world: int) -> tuple[dict[str, Any] | None, str]:
+    """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong). path None:
+    this rank has no candidate, and only checks that no other rank has one."""
     try:
-        index, error = verify(path, rank, world), ""
+        index, error = (verify(path, rank, world), "") if path is not None else (None, "no checkpoint")
     except CheckpointError as e:
         index, error = None, str(e)
     if world == 1 or not torch.distributed.is_initialized():
         return index, error
-    ident = zlib.crc32(path.name.encode())
+    ident = zlib.crc32(path.name.encode()) if path is not None else 0
     verdict = torch.tensor([index is None, ident, -ident, n_candidates, -n_candidates], dtype=torch.int64)
     verdict = verdict.to(collective_device())
     torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
     failed, hi, neg_lo, n_hi, neg_n_lo = verdict.tolist()
     if (hi, n_hi) != (-neg_lo, -neg_n_lo):
-        raise CheckpointError(f"ranks see different checkpoints in {path.parent}; it must be on a shared file system")
-    if failed and index is not None:  # another rank found the fault: find it here too, to name it
+        where = path.parent if path is not None else "the run dir"
+        raise CheckpointError(f"ranks see different checkpoints in {where}; it must be on a shared file system")
+    if failed and index is not None and path is not None:  # another rank found the fault: name it here too
         try:
             verify(path)
             error = f"checkpoint {path} failed verification on another rank"

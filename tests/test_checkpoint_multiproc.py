@@ -152,6 +152,49 @@ def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(runs, tmp
     ck.verify(run / "checkpoints" / ck.step_name(30))  # re-saved over the damaged one
 
 
+def _choose_worker(rank: int, port: int, run_dirs: list[str], out: dict) -> None:
+    import torch.distributed as dist
+
+    from distrain.trainer_checkpoint import choose
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        chosen = choose("auto", Path(run_dirs[rank]), rank, 2)
+        out[rank] = chosen[0].name if chosen else None
+    except ck.CheckpointError as e:
+        out[rank] = f"error: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_checkpoints_stop_instead_of_waiting(tmp_path):
+    """resume=auto with a run dir that is not shared: one rank sees a checkpoint, the other none.
+    Both must stop with the same error (not load different states, not hang in a collective)."""
+    import multiprocessing
+
+    model = torch.nn.Linear(3, 2)
+    from distrain.checkpoint_state import live_states
+
+    ck.save_checkpoint(tmp_path / "a", ck.step_name(5), *live_states(model, torch.optim.SGD(model.parameters())),
+                       {"step": 5}, "x: 1\n")  # fmt: skip
+    ck.flush_pending()
+    ctx = multiprocessing.get_context("spawn")
+    for dirs, want in (([tmp_path / "a", tmp_path / "a"], [ck.step_name(5)] * 2),
+                       ([tmp_path / "a", tmp_path / "b"], ["error: ranks see different checkpoints"] * 2)):  # fmt: skip
+        out = ctx.Manager().dict()
+        port = free_port()
+        procs = [ctx.Process(target=_choose_worker, args=(r, port, [str(d) for d in dirs], out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert not any(p.is_alive() for p in procs), "a rank hung"
+        for p in procs:
+            p.kill()
+        assert [str(out.get(r))[: len(w)] for r, w in enumerate(want)] == want, dict(out)
+
+
 @pytest.mark.slow
 def test_deepspeed_checkpoints_resume_across_zero_stages_and_backends(runs):
     root = runs["root"]
