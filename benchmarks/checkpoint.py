@@ -117,8 +117,8 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
         save_t.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        chosen, index = choose(str(path), run_dir, rank, world)  # the ranks share the checksum work
-        lm, lo = checkpoint_load.load_states(chosen, *live_states(module, opt), index)  # in place, into live tensors
+        chosen, index = choose(str(path), run_dir, rank, world)  # each rank hashes its shard while loading
+        lm, lo = checkpoint_load.load_verified(chosen, *live_states(module, opt), index, rank, world)  # in place
         set_live_states(module, opt, lm, lo)
         dist.barrier()
         load_t.append(time.perf_counter() - t0)

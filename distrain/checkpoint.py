@@ -405,12 +405,14 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
 
 
-def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, Any]:
+def verify(path: str | os.PathLike, rank: int = 0, world: int = 1, defer_same_world: bool = False) -> dict[str, Any]:
     """Check a checkpoint folder is COMPLETE and every file matches its recorded size and checksum.
 
     With world > 1, this rank hashes only every world-th block of the files (sizes are checked on
     all), so the ranks share the reading evenly; trainer_checkpoint.choose combines their
-    verdicts. Returns the index; raises CheckpointError naming the first bad file.
+    verdicts. defer_same_world: a checkpoint that hashed_while_loading is not hashed here, as
+    each rank hashes its own shard while loading from it (checkpoint_load.load_verified).
+    Returns the index; raises CheckpointError naming the first bad file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -424,7 +426,7 @@ def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, 
         raise CheckpointError(f"checkpoint {path} has format version {index.get('version')}; this distrain "
                               f"reads version {VERSION} (use the distrain that wrote it to export it)")  # fmt: skip
     read_json(path / STATE)
-    files = _recorded_files(path)
+    files = recorded_files(path)
     for i, fname in enumerate(sorted(files)):
         f, info = path / fname, files[fname]
         try:
@@ -433,6 +435,8 @@ def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, 
             raise CheckpointError(f"checkpoint file {f} is missing") from None
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} has {size} bytes, {info['bytes']} were written (truncated?)")
+        if defer_same_world and hashed_while_loading(index, files, world):
+            continue
         mine = [b for b in range(BLOCKS) if (i * BLOCKS + b) % world == rank]
         for b, checksum in block_checksums(f, mine).items():
             if checksum != info["xxh3_128"][b]:
@@ -441,7 +445,20 @@ def verify(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict[str, 
     return index
 
 
-def _recorded_files(path: Path) -> dict[str, dict[str, Any]]:
+# Below this many bytes one more all-reduce costs more than the saved second read. The variable
+# is a test hook (0: always hash while loading, so small test checkpoints take that path too).
+HASH_WHILE_LOADING_ENV = "DISTRAIN_HASH_WHILE_LOADING_MIN"
+
+
+def hashed_while_loading(index: dict[str, Any], files: dict[str, dict[str, Any]], world: int) -> bool:
+    """Whether checkpoint_load.load_verified checks this checkpoint's checksums while loading it
+    (each rank its own shard) rather than verify before: a checkpoint of this world size, big
+    enough for the saved second pass over its bytes to matter. The same answer on every rank."""
+    least = int(os.environ.get(HASH_WHILE_LOADING_ENV, 64 << 20))
+    return index.get("world_size") == world and sum(f["bytes"] for f in files.values()) >= least
+
+
+def recorded_files(path: Path) -> dict[str, dict[str, Any]]:
     """file -> {bytes, xxh3_128: [a checksum per block]} as COMPLETE records them."""
     complete = read_json(path / COMPLETE)
     files = complete.get("files") if isinstance(complete, dict) else None

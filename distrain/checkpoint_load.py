@@ -6,14 +6,26 @@ The format and saving live in distrain/checkpoint.py.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 
-from distrain.checkpoint import INDEX, CheckpointError, read_json, shard_name, verify
+from distrain.checkpoint import (
+    BLOCKS,
+    INDEX,
+    CheckpointError,
+    collective_device,
+    hashed_while_loading,
+    read_json,
+    recorded_files,
+    shard_name,
+    verify,
+)
 from distrain.checkpoint_state import (
     dtensor_type,
     flatten_optim,
@@ -28,9 +40,10 @@ from distrain.shard_file import ShardFile, ShardFileError
 class _Reader:
     """Reads any region of a saved tensor from the pieces that overlap it (views of mapped files)."""
 
-    def __init__(self, path: Path, index: dict[str, Any]):
+    def __init__(self, path: Path, index: dict[str, Any], defer: tuple[str, dict[str, torch.Tensor]] | None = None):
         self.path, self.index = path, index
         self._files: dict[str, ShardFile] = {}
+        self._defer_file, self._deferred = defer if defer is not None else (None, {})
 
     def _file(self, fname: str) -> ShardFile:
         if fname not in self._files:
@@ -64,6 +77,9 @@ class _Reader:
         shape = list(dst.shape)
         piece = self._exact_piece(key, offset, shape)
         if piece is not None:  # the usual case (same layout as saved): straight from the file
+            if piece["file"] == self._defer_file and dst.device.type == "cpu" and dst.is_contiguous():
+                self._deferred[key] = dst  # copied while the file is hashed (load_verified)
+                return
             try:
                 if self._file(piece["file"]).copy_into(key, dst):
                     return
@@ -142,14 +158,15 @@ def check_fits(path: Path, index: dict[str, Any], state: dict[str, Any], model_s
 
 def load_states(
     path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
-    index: dict[str, Any] | None = None,
+    index: dict[str, Any] | None = None, defer: tuple[str, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Copy the saved values into the tensors of the given model and optimizer states, in place.
 
     The states are Backend.checkpoint_state's, whose tensors are the live weights and optimizer
     moments (or their shards), so loading needs no second copy of the model in memory. Returns
     the model state and the optimizer state with the saved hyper-parameters and scalars. `index`:
-    the checkpoint's index.json if already read (verify returns it).
+    the checkpoint's index.json if already read (verify returns it). `defer` (file, {}): tensors
+    that are exactly a piece of that file are not copied but collected, for load_verified.
     """
     index = index if index is not None else read_json(path / INDEX)
     targets: dict[str, torch.Tensor] = {}
@@ -161,7 +178,7 @@ def load_states(
         if missing or extra:
             what = f"lacks optimizer state {missing[0]}" if missing else f"has unused optimizer state {extra[0]}"
             raise CheckpointError(f"checkpoint {path} {what} (another optimizer?)")
-    reader = _Reader(path, index)
+    reader = _Reader(path, index, defer)
     try:
         with torch.no_grad():
             for k, t in model_state.items():
@@ -172,6 +189,100 @@ def load_states(
         reader.close()
     optim_out = None if optim_state is None else unflatten_optim(targets, index["optim"], optim_state)
     return model_state, optim_out
+
+
+class ChecksumError(CheckpointError):
+    """A checkpoint's bytes do not match its recorded checksums (found while loading it)."""
+
+
+def load_verified(path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
+                  index: dict[str, Any], rank: int = 0, world: int = 1,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:  # fmt: skip
+    """load_states, with the checksums checked on the way when checkpoint.hashed_while_loading
+    (a checkpoint of this world size, 64 MB or more; verify(defer_same_world=True) left them for
+    here): each rank hashes its own shard while it copies from it, so each byte is read once, not
+    twice (~20% faster at 600 MB a rank). All ranks agree on the verdict (one all-reduce); a bad
+    file raises ChecksumError on every rank after the live state has been partly overwritten,
+    so the caller must load another checkpoint or stop. Otherwise the checksums were verified
+    before (verify) and this is load_states.
+    """
+    files = recorded_files(path)
+    if not hashed_while_loading(index, files, world):
+        return load_states(path, model_state, optim_state, index)
+    own = shard_name(rank)
+    deferred: dict[str, torch.Tensor] = {}  # tensors of this rank's shard copied during its hash pass
+    values = load_states(path, model_state, optim_state, index, defer=(own, deferred))
+    try:
+        ok = _copy_and_hash(ShardFile(path / own), deferred, files[own]["xxh3_128"])
+        error = "" if ok else f"checkpoint file {path / own} fails its checksum (corrupted)"
+    except ShardFileError as e:
+        error = f"checkpoint file {e}"
+    except (CheckpointError, KeyError) as e:  # kept for the verdict: the other ranks wait in it
+        error = f"checkpoint {path}: {e}"
+    failed = bool(error)
+    if world > 1 and torch.distributed.is_initialized():
+        verdict = torch.tensor([failed], dtype=torch.int64, device=collective_device())
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(verdict.item())
+    if failed:
+        if not error:  # another rank's shard: name it (re-reading the files; this is the rare path)
+            try:
+                verify(path)
+                error = f"checkpoint {path} failed verification on another rank"
+            except CheckpointError as e:
+                error = str(e)
+        raise ChecksumError(error)
+    return values
+
+
+_CHUNK = 256 << 10  # copied, then hashed while still in the L2 cache (4 MB chunks: 15% slower)
+
+
+def _copy_and_hash(shard: ShardFile, deferred: dict[str, torch.Tensor], recorded: list[str]) -> bool:
+    """Hash every byte of a shard file in order, per block as checkpoint.block_checksums does, and
+    copy the tensors in `deferred` into their targets: large ones chunk by chunk during the hash
+    pass, so each chunk is hashed while still in the cache; small ones (Python overhead per call
+    would outweigh that) one memmove each. True if every block matches `recorded`."""
+    import xxhash
+
+    base = ctypes.addressof(shard._anchor)
+    large = []
+    for name, dst in deferred.items():
+        dtype, shape, start, nbytes = shard._span(name) if name in shard.entries else (None, None, 0, 0)
+        if dtype != dst.dtype or shape != list(dst.shape):  # the index and the file must agree
+            raise CheckpointError(f"checkpoint file {shard.path} holds {name} as {dtype} {shape}, the index "
+                                  f"as {dst.dtype} {list(dst.shape)}")  # fmt: skip
+        if nbytes >= _CHUNK:
+            large.append((start, nbytes, dst))
+        elif nbytes:
+            ctypes.memmove(dst.data_ptr(), base + start, nbytes)
+            increment_version(dst)
+
+    size = shard._size
+    step = -(-size // BLOCKS)
+    hashers = [xxhash.xxh3_128() for _ in range(BLOCKS)]
+    view = memoryview(shard._map)
+
+    def feed(a: int, b: int) -> None:
+        while a < b:
+            block = a // step
+            end = min(b, (block + 1) * step)
+            hashers[block].update(view[a:end])
+            a = end
+
+    pos = 0
+    for start, nbytes, dst in sorted(large, key=lambda x: x[0]):
+        feed(pos, start)  # the header and everything before this tensor, in as few calls as blocks allow
+        ptr = dst.data_ptr()
+        for a in range(start, start + nbytes, _CHUNK):
+            b = min(a + _CHUNK, start + nbytes)
+            ctypes.memmove(ptr + a - start, base + a, b - a)
+            feed(a, b)
+        increment_version(dst)
+        pos = start + nbytes
+    feed(pos, size)
+    view.release()
+    return [h.hexdigest() for h in hashers] == recorded
 
 
 def load_rng(path: Path, rank: int) -> bool:

@@ -28,23 +28,27 @@ from distrain.checkpoint import (
     verify,
     versions,
 )
-from distrain.checkpoint_load import check_fits, load_rng, load_states
+from distrain.checkpoint_load import ChecksumError, check_fits, load_rng, load_states, load_verified
 
 log = logging.getLogger("distrain")
 
 
-def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1) -> tuple[Path, dict[str, Any]] | None:
+def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1,
+           skip: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
     """The checkpoint to resume from and its index; all ranks call it and get the same answer.
 
     `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
     `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
-    The ranks share the checksum work (each hashes every world-th eighth of the files) and agree
-    through one all-reduce per candidate (at least one, so ranks that see different folders, even
-    none, stop with an error instead of waiting for each other).
+    `skip`: folder names already found bad. The ranks share the checksum work (each hashes every
+    world-th eighth of the files; for a checkpoint of this world size, each rank hashes its own
+    shard later, while loading it: checkpoint_load.load_verified) and agree through one
+    all-reduce per candidate (at least one, so ranks that see different folders, even none, stop
+    with an error instead of waiting for each other).
     """
     p = Path(run_dir if resume == "auto" else resume)
     explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
     candidates = [p] if explicit else list(reversed(step_dirs((p.parent if p.name == CKPT_DIR else p) / CKPT_DIR)))
+    candidates = [c for c in candidates if c.name not in skip]
     for candidate in candidates or [None]:
         index, error = _verify_together(candidate, len(candidates), rank, world)
         if candidate is None:
@@ -64,7 +68,7 @@ def _verify_together(path: Path | None, n_candidates: int, rank: int, world: int
     """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong). path None:
     this rank has no candidate, and only checks that no other rank has one."""
     try:
-        index, error = (verify(path, rank, world), "") if path is not None else (None, "no checkpoint")
+        index, error = (verify(path, rank, world, defer_same_world=True), "") if path is not None else (None, "")
     except CheckpointError as e:
         index, error = None, str(e)
     if world == 1 or not torch.distributed.is_initialized():
@@ -140,20 +144,37 @@ def resume(trainer: Any) -> Path | None:
     cfg = trainer.cfg
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
-    chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size)
-    if chosen is None:
-        log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
-        return None
-    path, index = chosen
-    state = read_json(path / STATE)
-    model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
-    check_fits(path, index, state, model_state, trainer.recipe.name)
-    best = _best_checkpoint(path, state)
-    if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
-        best_values, _ = load_states(best, model_state, None)
-        trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
-        trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
-    model_values, optim_values = load_states(path, model_state, optim_state, index)
+    tried: list[str] = []  # checkpoints whose checksums failed while loading them
+    while True:
+        chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried))
+        if chosen is None and (tried or step_dirs(trainer.run_dir / CKPT_DIR)):
+            # Starting from scratch over damaged checkpoints would silently drop the run's progress
+            # (and, after a partial load, start from a state that is not the fresh one).
+            partly = f"; {tried[-1]} was partly loaded before its checksums failed" if tried else ""
+            raise CheckpointError(f"no checkpoint in {trainer.run_dir / CKPT_DIR} verifies (see the warnings)"
+                                  f"{partly}: move the damaged ones aside to start from scratch")  # fmt: skip
+        if chosen is None:
+            log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
+            return None
+        path, index = chosen
+        state = read_json(path / STATE)
+        model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
+        check_fits(path, index, state, model_state, trainer.recipe.name)
+        best = _best_checkpoint(path, state)
+        if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
+            best_values, _ = load_states(best, model_state, None)
+            trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
+            trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+        try:
+            model_values, optim_values = load_verified(path, model_state, optim_state, index, trainer.rank,
+                                                       trainer.world_size)  # fmt: skip
+            break
+        except ChecksumError as e:
+            if path == Path(cfg.resume):  # the very checkpoint asked for
+                raise
+            if trainer.rank == 0:
+                log.warning("skipping checkpoint: %s", e)
+            tried.append(path.name)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
     if state["train_state"].get("best_step") == state["train_state"].get("step"):
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from distrain import checkpoint as ck
 from distrain import checkpoint_load
-from distrain.checkpoint_state import live_states
+from distrain.checkpoint_state import live_states, set_live_states
 from distrain.export import export, load_weights_dir
 
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
@@ -161,6 +161,41 @@ def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_
     assert ck.find_resumable(tmp_path).name == ck.step_name(3)
 
 
+def test_hashing_while_loading_copies_large_tensors_in_chunks_and_catches_damage(tmp_path, monkeypatch):
+    """load_verified on a state with tensors of several copy chunks: the loaded values equal the
+    saved ones, and a flipped byte deep inside a large tensor raises ChecksumError naming the file."""
+    from distrain.trainer_checkpoint import choose
+
+    monkeypatch.setenv(ck.HASH_WHILE_LOADING_ENV, "0")
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(700, 600), torch.nn.Linear(600, 5))  # 1.7 MB weight
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(4, 700)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = build(0)
+    path = ck.save_checkpoint(tmp_path, ck.step_name(1), *live_states(model, opt), {"step": 1}, "x: 1\n")
+    model2, opt2 = build(1)
+    chosen, index = choose("auto", tmp_path)
+    assert chosen == path
+    lm, lo = checkpoint_load.load_verified(chosen, *live_states(model2, opt2), index)
+    set_live_states(model2, opt2, lm, lo)
+    assert_same_weights(model.state_dict(), model2.state_dict())
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key]), key
+    shard = path / ck.shard_name(0)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01  # inside the big weight or its moments
+    shard.write_bytes(bytes(data))
+    chosen, index = choose(str(path), tmp_path)  # the size is right: only the checksum can tell
+    with pytest.raises(checkpoint_load.ChecksumError, match=r"shard-00000\.safetensors fails its checksum"):
+        checkpoint_load.load_verified(chosen, *live_states(model2, opt2), index)
+
+
 def _copy_run(straight: Path, dest: Path) -> Path:
     shutil.copytree(straight / "checkpoints", dest / "checkpoints")
     return dest
@@ -183,6 +218,27 @@ def test_truncated_and_flipped_shards_are_detected(straight, tmp_path):
     with pytest.raises(ck.CheckpointError, match=r"shard-00000\.safetensors.*checksum"):
         ck.verify(flipped.parent)
     assert ck.find_resumable(run).name == "step_00000020"
+
+
+@pytest.mark.parametrize("while_loading", [False, True], ids=["verify-first", "hash-while-loading"])
+def test_resume_auto_stops_when_every_checkpoint_is_damaged(while_loading, straight, tmp_path):
+    """Damaged checkpoints are skipped; when none is left, resume=auto stops (exit 2) rather than
+    silently starting from scratch. With hashing while loading (forced for this small state) the
+    newest is found bad only after part of it was loaded, and the message says so."""
+    run = _copy_run(straight, tmp_path / "all_bad")
+    for step_dir in ck.step_dirs(run / "checkpoints"):
+        shard = step_dir / ck.shard_name(0)
+        data = bytearray(shard.read_bytes())
+        data[-100] ^= 0xFF  # in the last tensor's bytes: header intact, so only the checksum can tell
+        shard.write_bytes(bytes(data))
+    env = {ck.HASH_WHILE_LOADING_ENV: "0"} if while_loading else {}
+    proc = run_distrain([*BASE, f"output_dir={run}", "resume=auto"], env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("skipping checkpoint") == 3, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: no checkpoint in") and "verifies" in err, err
+    assert ("step_00000020 was partly loaded before its checksums failed" in err) == while_loading, err
+    assert not (run / "metrics.jsonl").exists()  # nothing trained, nothing written
 
 
 def test_incompatible_checkpoint_is_refused_and_nothing_overwritten(straight, tmp_path):

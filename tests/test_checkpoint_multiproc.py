@@ -135,17 +135,21 @@ def test_fsdp_exact_resume_and_reshard_to_one_process_and_ddp(runs):
     assert_same_weights(load_weights_dir(out), weights(fsdp))
 
 
-def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(runs, tmp_path):
-    """The ranks share the checksum work (rank r hashes every world-th file); rank 0 never reads
-    shard-00001's bytes when verifying, yet resume=auto must skip the damaged checkpoint on
-    both ranks, name the file, and continue exactly from the one before."""
+@pytest.mark.parametrize("while_loading", [False, True], ids=["verify-first", "hash-while-loading"])
+def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(while_loading, runs, tmp_path):
+    """The ranks share the checksum work: before loading, rank r hashes every world-th block, or
+    (hashing while loading, forced here for this small state) each rank hashes its own shard as
+    it copies from it. Rank 0 never hashes the damaged bytes of shard-00001, yet resume=auto must
+    skip the checkpoint on both ranks, name the file, and continue exactly from the one before
+    (after a partial load in the second case)."""
     run = tmp_path / "damaged"
     shutil.copytree(runs["ddp"] / "checkpoints", run / "checkpoints")
     shard = run / "checkpoints" / ck.step_name(30) / ck.shard_name(1)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc = run_distrain([*CFG, f"output_dir={run}", "resume=auto"], "cpu_ddp")
+    env = {ck.HASH_WHILE_LOADING_ENV: "0"} if while_loading else {}
+    proc = run_distrain([*CFG, f"output_dir={run}", "resume=auto"], "cpu_ddp", env=env)
     assert re.search(r"skipping checkpoint: checkpoint file \S*step_00000030/shard-00001\.safetensors fails its "
                      r"checksum", proc.stderr), proc.stderr[-3000:]  # fmt: skip
     assert_exact(runs["ddp"], run, 21, 30)
