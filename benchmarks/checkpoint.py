@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distrain import checkpoint as ck
 from distrain import checkpoint_load
 from distrain.checkpoint_state import flatten_optim, live_states, set_live_states
-from distrain.trainer_checkpoint import choose
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[type, ...]]:
@@ -117,7 +116,7 @@ def worker(rank: int, world: int, port: int, name: str, backend: str, tmp: str, 
         save_t.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        chosen, index = choose(str(path), run_dir, rank, world)  # each rank hashes its shard while loading
+        chosen, index = ck.choose(str(path), run_dir, rank, world)  # each rank hashes its shard while loading
         lm, lo = checkpoint_load.load_verified(chosen, *live_states(module, opt), index, rank, world)  # in place
         set_live_states(module, opt, lm, lo)
         dist.barrier()

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from distrain.checkpoint_state import dtensor_type, flatten_optim, geometry, layout, rank_tensors, rng_state
 from distrain.config import ConfigError
 from distrain.shard_file import write_shard
+from distrain.weights import write_synced
 
 log = logging.getLogger("distrain")
 
@@ -124,15 +126,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_files(folder: Path, texts: dict[str, str]) -> None:
-    """Write and flush small files inside a folder that is itself renamed into place later."""
-    for name, text in texts.items():
-        with open(folder / name, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 _WRITER: ThreadPoolExecutor | None = None
@@ -251,7 +244,7 @@ def save_checkpoint(
                  f'"tensors": {tensors_json}, "optim": {optim_json}}}')  # fmt: skip
         texts = {STATE: json.dumps(trainer_state, indent=1, default=_json_default), "config.yaml": config_text,
                  INDEX: index}  # fmt: skip
-        texts_flushed = [_in_thread(_write_files, tmp, {n: t}) for n, t in texts.items()]  # fsyncs coalesce
+        texts_flushed = [_in_thread(write_synced, tmp / n, t) for n, t in texts.items()]  # fsyncs coalesce
     checksums = block_checksums(shard)
     size = shard.stat().st_size
     _fsync(shard)
@@ -267,7 +260,7 @@ def save_checkpoint(
         if leftover.name not in {INDEX, STATE, "config.yaml", *files}:
             leftover.unlink()
     # COMPLETE, written last, vouches for every shard: its size and checksums.
-    _write_files(tmp, {COMPLETE: json.dumps({"step": step, "files": files}) + "\n"})
+    write_synced(tmp / COMPLETE, json.dumps({"step": step, "files": files}) + "\n")
     _fsync(tmp)
     _commit(root, tmp, final)
     _crash_point("before_latest", rank, step)
@@ -409,7 +402,7 @@ def verify(path: str | os.PathLike, rank: int = 0, world: int = 1, defer_same_wo
     """Check a checkpoint folder is COMPLETE and every file matches its recorded size and checksum.
 
     With world > 1, this rank hashes only every world-th block of the files (sizes are checked on
-    all), so the ranks share the reading evenly; trainer_checkpoint.choose combines their
+    all), so the ranks share the reading evenly; choose (below) combines their
     verdicts. defer_same_world: a checkpoint that hashed_while_loading is not hashed here, as
     each rank hashes its own shard while loading from it (checkpoint_load.load_verified).
     Returns the index; raises CheckpointError naming the first bad file.
@@ -472,22 +465,73 @@ def recorded_files(path: Path) -> dict[str, dict[str, Any]]:
 
 def find_resumable(run_dir: str | os.PathLike) -> Path | None:
     """The newest COMPLETE checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
-    for p in reversed(step_dirs(Path(run_dir) / CKPT_DIR)):
+    chosen = choose("auto", run_dir, defer=False)
+    return chosen[0] if chosen else None
+
+
+def resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """A verified checkpoint folder and its index, from itself, a run dir (its newest good
+    checkpoint) or a checkpoints/ folder; CheckpointError if there is none."""
+    chosen = choose(str(path), path, defer=False)
+    assert chosen is not None  # choose raises for anything but resume=auto
+    return chosen
+
+
+def choose(resume: str, run_dir: str | os.PathLike, rank: int = 0, world: int = 1, skip: tuple[str, ...] = (),
+           defer: bool = True) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
+    """The checkpoint to resume from and its index; all ranks call it and get the same answer.
+
+    `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
+    `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
+    `skip`: folder names already found bad. The ranks share the checksum work (each hashes every
+    world-th eighth of the files; with `defer`, a checkpoint that hashed_while_loading is left to
+    checkpoint_load.load_verified, each rank hashing its own shard while loading it) and agree
+    through one all-reduce per candidate (at least one, so ranks that see different folders, even
+    none, stop with an error instead of waiting for each other). find_resumable and resolve are
+    this with one process and nothing deferred.
+    """
+    p = Path(run_dir if resume == "auto" else resume)
+    explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
+    candidates = [p] if explicit else list(reversed(step_dirs((p.parent if p.name == CKPT_DIR else p) / CKPT_DIR)))
+    candidates = [c for c in candidates if c.name not in skip]
+    for candidate in candidates or [None]:
+        index, error = _verify_together(candidate, len(candidates), rank, world, defer)
+        if candidate is None:
+            break
+        if index is not None:
+            return candidate, index
+        if explicit:
+            raise CheckpointError(error)
+        if rank == 0:
+            log.warning("skipping checkpoint: %s", error)
+    if resume == "auto":
+        return None
+    raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
+
+
+def _verify_together(path: Path | None, n_candidates: int, rank: int, world: int,
+                     defer: bool) -> tuple[dict[str, Any] | None, str]:  # fmt: skip
+    """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong). path None:
+    this rank has no candidate, and only checks that no other rank has one."""
+    try:
+        index, error = (verify(path, rank, world, defer_same_world=defer), "") if path is not None else (None, "")
+    except CheckpointError as e:
+        index, error = None, str(e)
+    if world == 1 or not dist.is_initialized():
+        return index, error
+    ident = zlib.crc32(path.name.encode()) if path is not None else 0
+    verdict = torch.tensor([index is None, ident, -ident, n_candidates, -n_candidates], dtype=torch.int64)
+    verdict = verdict.to(collective_device())
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    failed, hi, neg_lo, n_hi, neg_n_lo = verdict.tolist()
+    if (hi, n_hi) != (-neg_lo, -neg_n_lo):
+        where = path.parent if path is not None else "the run dir"
+        raise CheckpointError(f"ranks see different checkpoints in {where}; it must be on a shared file system")
+    if failed and index is not None and path is not None:  # another rank found the fault: name it here too
         try:
-            verify(p)
+            verify(path)
+            error = f"checkpoint {path} failed verification on another rank"
         except CheckpointError as e:
-            log.warning("skipping checkpoint: %s", e)
-            continue
-        return p
-    return None
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from itself, a run dir (newest good checkpoint) or a checkpoints/ folder."""
-    p = Path(path)
-    if (p / INDEX).is_file() or (p / COMPLETE).is_file():
-        return p
-    found = find_resumable(p.parent if p.name == CKPT_DIR else p)
-    if found is not None:
-        return found
-    raise CheckpointError(f"{path} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
+            error = str(e)
+        index = None
+    return index, error

@@ -299,10 +299,11 @@ def load_rng(path: Path, rank: int) -> bool:
     return True
 
 
-def full_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The consolidated model weights of a checkpoint, on CPU, with no process group."""
+def full_model_state(path: str | os.PathLike, index: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The consolidated model weights of a checkpoint, on CPU, with no process group. `index`: the
+    one checkpoint.resolve returned for it (already verified); else the checkpoint is verified here."""
     path = Path(path)
-    index = verify(path)
+    index = index if index is not None else verify(path)
     reader = _Reader(path, index)
     try:
         return {k.removeprefix("model."): reader.read(k).clone() for k in index["tensors"] if k.startswith("model.")}

@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -54,8 +55,11 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 
 def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None) -> Path:
     """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`."""
-    ckpt = checkpoint.resolve(source)
-    state = checkpoint_load.full_model_state(ckpt)  # verifies checksums
+    return _export(*checkpoint.resolve(source), out, max_shard_size)  # resolve verifies the checksums
+
+
+def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard_size: int | None) -> Path:
+    state = checkpoint_load.full_model_state(ckpt, index)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("model*.safetensors"), out / INDEX_NAME]:  # never mix old and new files
@@ -88,7 +92,7 @@ def load_weights_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for fname in sorted(set(weight_map.values())):
             state.update(load_file(str(path / fname)))
         return state
-    return checkpoint_load.full_model_state(checkpoint.resolve(path))
+    return checkpoint_load.full_model_state(*checkpoint.resolve(path))
 
 
 def load_model(path: str | os.PathLike) -> torch.nn.Module:
@@ -99,15 +103,15 @@ def load_model(path: str | os.PathLike) -> torch.nn.Module:
     """
     from distrain.recipe import load_recipe
 
-    path = Path(path)
-    if not (path / "config.yaml").is_file():
-        path = checkpoint.resolve(path)
+    path, index = Path(path), None
+    if not (path / "config.yaml").is_file():  # a run dir: its newest good checkpoint
+        path, index = checkpoint.resolve(path)
     cfg_dict = yaml.safe_load((path / "config.yaml").read_text()) or {}
     recipe = load_recipe(str(cfg_dict.pop("recipe", "")))
     cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
     apply_dict(cfg, cfg_dict)
     model = recipe.build_model(cfg)
-    state = load_weights_dir(path)
+    state = load_weights_dir(path) if index is None else checkpoint_load.full_model_state(path, index)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
@@ -124,9 +128,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.max_shard_size) if args.max_shard_size else None
-        out = export(args.source, args.out, size)
+        ckpt, index = checkpoint.resolve(args.source)
+        out = _export(ckpt, index, args.out, size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {checkpoint.resolve(args.source)} -> {out}")
+    print(f"exported {ckpt} -> {out}")
     return 0

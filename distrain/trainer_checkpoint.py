@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import random
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ import torch
 
 from distrain.checkpoint import (
     CKPT_DIR,
-    COMPLETE,
-    INDEX,
     STATE,
     CheckpointError,
-    collective_device,
+    choose,
     config_hash,
     read_json,
     save_checkpoint,
@@ -31,64 +28,6 @@ from distrain.checkpoint import (
 from distrain.checkpoint_load import ChecksumError, check_fits, load_rng, load_states, load_verified
 
 log = logging.getLogger("distrain")
-
-
-def choose(resume: str, run_dir: Path, rank: int = 0, world: int = 1,
-           skip: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
-    """The checkpoint to resume from and its index; all ranks call it and get the same answer.
-
-    `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
-    `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
-    `skip`: folder names already found bad. The ranks share the checksum work (each hashes every
-    world-th eighth of the files; for a checkpoint of this world size, each rank hashes its own
-    shard later, while loading it: checkpoint_load.load_verified) and agree through one
-    all-reduce per candidate (at least one, so ranks that see different folders, even none, stop
-    with an error instead of waiting for each other).
-    """
-    p = Path(run_dir if resume == "auto" else resume)
-    explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
-    candidates = [p] if explicit else list(reversed(step_dirs((p.parent if p.name == CKPT_DIR else p) / CKPT_DIR)))
-    candidates = [c for c in candidates if c.name not in skip]
-    for candidate in candidates or [None]:
-        index, error = _verify_together(candidate, len(candidates), rank, world)
-        if candidate is None:
-            break
-        if index is not None:
-            return candidate, index
-        if explicit:
-            raise CheckpointError(error)
-        if rank == 0:
-            log.warning("skipping checkpoint: %s", error)
-    if resume == "auto":
-        return None
-    raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
-
-
-def _verify_together(path: Path | None, n_candidates: int, rank: int, world: int) -> tuple[dict[str, Any] | None, str]:
-    """(index, "") if the checkpoint verifies on every rank, else (None, what is wrong). path None:
-    this rank has no candidate, and only checks that no other rank has one."""
-    try:
-        index, error = (verify(path, rank, world, defer_same_world=True), "") if path is not None else (None, "")
-    except CheckpointError as e:
-        index, error = None, str(e)
-    if world == 1 or not torch.distributed.is_initialized():
-        return index, error
-    ident = zlib.crc32(path.name.encode()) if path is not None else 0
-    verdict = torch.tensor([index is None, ident, -ident, n_candidates, -n_candidates], dtype=torch.int64)
-    verdict = verdict.to(collective_device())
-    torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
-    failed, hi, neg_lo, n_hi, neg_n_lo = verdict.tolist()
-    if (hi, n_hi) != (-neg_lo, -neg_n_lo):
-        where = path.parent if path is not None else "the run dir"
-        raise CheckpointError(f"ranks see different checkpoints in {where}; it must be on a shared file system")
-    if failed and index is not None and path is not None:  # another rank found the fault: name it here too
-        try:
-            verify(path)
-            error = f"checkpoint {path} failed verification on another rank"
-        except CheckpointError as e:
-            error = str(e)
-        index = None
-    return index, error
 
 
 def trainer_state(trainer: Any) -> dict[str, Any]:

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from distrain.shard_file import write_shard
 
 
 def save_weights(
@@ -14,31 +16,32 @@ def save_weights(
 ) -> None:
     """Write a state dict to one safetensors file atomically (temp file, fsync, rename).
 
-    Tied weights share storage, which safetensors refuses; each tensor is written as its own copy.
+    Through shard_file.write_shard, as checkpoints are: tied weights (shared storage, which
+    safetensors' save_file refuses) are simply each written in full.
     """
     path = Path(path)
-    seen: set[int] = set()
-    tensors = {}
-    for name, t in state.items():
-        t = t.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = t.clone().contiguous() if ptr in seen or not t.is_contiguous() else t
-        seen.add(ptr)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write_shard(tmp, tensors, metadata or {})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_synced(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file and flush it to disk (no rename: for files inside a folder that is
+    itself renamed into place, as a checkpoint's)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file atomically (temp file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(tmp, text)
     os.replace(tmp, path)
 
 

@@ -164,7 +164,7 @@ def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_
 def test_hashing_while_loading_copies_large_tensors_in_chunks_and_catches_damage(tmp_path, monkeypatch):
     """load_verified on a state with tensors of several copy chunks: the loaded values equal the
     saved ones, and a flipped byte deep inside a large tensor raises ChecksumError naming the file."""
-    from distrain.trainer_checkpoint import choose
+    from distrain.checkpoint import choose
 
     monkeypatch.setenv(ck.HASH_WHILE_LOADING_ENV, "0")
 

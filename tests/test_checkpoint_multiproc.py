@@ -160,7 +160,7 @@ def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(while_loa
 def _choose_worker(rank: int, port: int, run_dirs: list[str], out: dict) -> None:
     import torch.distributed as dist
 
-    from distrain.trainer_checkpoint import choose
+    from distrain.checkpoint import choose
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
