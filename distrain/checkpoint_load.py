@@ -77,7 +77,7 @@ class _Reader:
         shape = list(dst.shape)
         piece = self._exact_piece(key, offset, shape)
         if piece is not None:  # the usual case (same layout as saved): straight from the file
-            if piece["file"] == self._defer_file and dst.device.type == "cpu" and dst.is_contiguous():
+            if piece["file"] == self._defer_file and dst.is_cpu and dst.is_contiguous():
                 self._deferred[key] = dst  # copied while the file is hashed (load_verified)
                 return
             try:

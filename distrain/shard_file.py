@@ -14,7 +14,6 @@ tests/test_shard_file.py checks both against `safetensors.torch.save_file` / `lo
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import struct
@@ -22,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import safetensors
 import torch
 from torch.autograd.graph import increment_version
@@ -70,8 +70,8 @@ class ShardFile:
         if header_len > size - 8:
             raise ShardFileError(f"{self.path}: header of {header_len} bytes in a file of {size} (truncated?)")
         try:
-            header = json.loads(self._map[8 : 8 + header_len])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = orjson.loads(self._map[8 : 8 + header_len])  # 34 us against json's 82 for a har shard
+        except orjson.JSONDecodeError as e:  # invalid UTF-8 included
             raise ShardFileError(f"{self.path}: unreadable header ({e})") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict[str, Any]] = header
@@ -109,7 +109,7 @@ class ShardFile:
         used above ~3/4 of the last-level cache, skip reading the destination first: 600 MB in 52
         ms against 95 here). The version counter is bumped as copy_ would."""
         dtype, shape, start, nbytes = self._span(name)
-        if dst.dtype != dtype or dst.device.type != "cpu" or list(dst.shape) != shape or not dst.is_contiguous():
+        if dst.dtype != dtype or not dst.is_cpu or list(dst.shape) != shape or not dst.is_contiguous():
             return False
         if nbytes:
             ctypes.memmove(dst.data_ptr(), ctypes.addressof(self._anchor) + start, nbytes)

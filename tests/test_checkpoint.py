@@ -329,3 +329,20 @@ def test_resume_restores_the_best_weights_for_the_test_split(tmp_path):
     assert want["best_step"] < 15 and got["best_step"] == want["best_step"]
     assert got["test"] == want["test"]
     assert_same_weights(weights(split, "best_model.safetensors"), weights(straight, "best_model.safetensors"))
+
+
+def test_read_json_reads_what_json_writes_and_names_unreadable_files(tmp_path):
+    # trainer_state.json is written by json.dumps, which writes NaN and Infinity (a best metric or
+    # a loss can be one); read_json's fast parser rejects those, so it must fall back, not fail.
+    state = {"step": 3, "best_metric": float("inf"), "last_loss": float("nan"), "note": "\u00fc"}
+    path = tmp_path / ck.STATE
+    path.write_text(json.dumps(state))
+    back = ck.read_json(path)
+    assert back["step"] == 3 and back["best_metric"] == float("inf") and back["note"] == "\u00fc"
+    assert back["last_loss"] != back["last_loss"]  # NaN
+    for bad in (b'{"step": ', b'{"step": \x80\x81}', b""):
+        path.write_bytes(bad)
+        with pytest.raises(ck.CheckpointError, match=r"trainer_state\.json is unreadable"):
+            ck.read_json(path)
+    with pytest.raises(ck.CheckpointError, match=r"missing\.json is unreadable"):
+        ck.read_json(tmp_path / "missing.json")

@@ -82,5 +82,9 @@ def test_damaged_files_raise_naming_the_file(tmp_path):
     (tmp_path / "json.safetensors").write_bytes(bytes(garbled))
     with pytest.raises(ShardFileError, match=r"json\.safetensors: unreadable header"):
         ShardFile(tmp_path / "json.safetensors")
+    garbled[9] = 0xFF  # not UTF-8
+    (tmp_path / "utf8.safetensors").write_bytes(bytes(garbled))
+    with pytest.raises(ShardFileError, match=r"utf8\.safetensors: unreadable header"):
+        ShardFile(tmp_path / "utf8.safetensors")
     with pytest.raises(ShardFileError, match="no readable tensor 'nope'"):
         ShardFile(path).tensor("nope")
