@@ -42,7 +42,7 @@ import torch.distributed as dist
 from distrain.checkpoint_state import dtensor_type, flatten_optim, geometry, layout, rank_tensors, rng_state
 from distrain.config import ConfigError
 from distrain.shard_file import write_shard
-from distrain.weights import write_synced
+from distrain.weights import fsync_path, write_synced
 
 log = logging.getLogger("distrain")
 
@@ -92,9 +92,14 @@ def _crash_point(stage: str, rank: int, step: int) -> None:
 BLOCKS = 8  # checksums per file: ranks share verification by block, so it is balanced at any file sizes
 
 
+def block_size(size: int) -> int:
+    """Bytes in each of a file's BLOCKS blocks but the last, which may be shorter."""
+    return -(-size // BLOCKS)
+
+
 def block_span(size: int, block: int) -> tuple[int, int]:
     """Byte range [start, end) of one of a file's BLOCKS equal blocks (the last may be shorter)."""
-    step = -(-size // BLOCKS)
+    step = block_size(size)
     return min(block * step, size), min((block + 1) * step, size)
 
 
@@ -118,15 +123,6 @@ def block_checksums(path: str | os.PathLike, blocks: range | list[int] = range(B
                 with view[start:end] as part:
                     out[b] = xxhash.xxh3_128(part).hexdigest()
             return out
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _WRITER: ThreadPoolExecutor | None = None
@@ -248,7 +244,7 @@ def save_checkpoint(
         texts_flushed = [_in_thread(write_synced, tmp / n, t) for n, t in texts.items()]  # fsyncs coalesce
     checksums = block_checksums(shard)
     size = shard.stat().st_size
-    _fsync(shard)
+    fsync_path(shard)
     _crash_point("between_shards", rank, step)
     files = _gather_files(list(checksums.values()), size, rank, world)
     if rank != 0:
@@ -262,7 +258,7 @@ def save_checkpoint(
             leftover.unlink()
     # COMPLETE, written last, vouches for every shard: its size and checksums.
     write_synced(tmp / COMPLETE, json.dumps({"step": step, "files": files}) + "\n")
-    _fsync(tmp)
+    fsync_path(tmp)
     _commit(root, tmp, final)
     _crash_point("before_latest", rank, step)
     if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush_pending
@@ -354,7 +350,7 @@ def _commit(root: Path, tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
 
 
 def _json_default(obj: Any) -> Any:
@@ -540,10 +536,15 @@ def _verify_together(path: Path | None, n_candidates: int, rank: int, world: int
         where = path.parent if path is not None else "the run dir"
         raise CheckpointError(f"ranks see different checkpoints in {where}; it must be on a shared file system")
     if failed and index is not None and path is not None:  # another rank found the fault: name it here too
-        try:
-            verify(path)
-            error = f"checkpoint {path} failed verification on another rank"
-        except CheckpointError as e:
-            error = str(e)
-        index = None
+        index, error = None, describe_fault(path)
     return index, error
+
+
+def describe_fault(path: Path) -> str:
+    """What is wrong with a checkpoint another rank found bad, from this rank (re-reading all of it:
+    the rare path), so every rank's error names the file."""
+    try:
+        verify(path)
+    except CheckpointError as e:
+        return str(e)
+    return f"checkpoint {path} failed verification on another rank"

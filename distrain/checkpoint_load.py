@@ -19,7 +19,9 @@ from distrain.checkpoint import (
     BLOCKS,
     INDEX,
     CheckpointError,
+    block_size,
     collective_device,
+    describe_fault,
     hashed_while_loading,
     read_json,
     recorded_files,
@@ -225,13 +227,7 @@ def load_verified(path: Path, model_state: dict[str, torch.Tensor], optim_state:
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
         failed = bool(verdict.item())
     if failed:
-        if not error:  # another rank's shard: name it (re-reading the files; this is the rare path)
-            try:
-                verify(path)
-                error = f"checkpoint {path} failed verification on another rank"
-            except CheckpointError as e:
-                error = str(e)
-        raise ChecksumError(error)
+        raise ChecksumError(error or describe_fault(path))  # another rank's shard: named from here too
     return values
 
 
@@ -245,10 +241,10 @@ def _copy_and_hash(shard: ShardFile, deferred: dict[str, torch.Tensor], recorded
     would outweigh that) one memmove each. True if every block matches `recorded`."""
     import xxhash
 
-    base = ctypes.addressof(shard._anchor)
+    base = shard.address
     large = []
     for name, dst in deferred.items():
-        dtype, shape, start, nbytes = shard._span(name) if name in shard.entries else (None, None, 0, 0)
+        dtype, shape, start, nbytes = shard.span(name) if name in shard.entries else (None, None, 0, 0)
         if dtype != dst.dtype or shape != list(dst.shape):  # the index and the file must agree
             raise CheckpointError(f"checkpoint file {shard.path} holds {name} as {dtype} {shape}, the index "
                                   f"as {dst.dtype} {list(dst.shape)}")  # fmt: skip
@@ -258,10 +254,10 @@ def _copy_and_hash(shard: ShardFile, deferred: dict[str, torch.Tensor], recorded
             ctypes.memmove(dst.data_ptr(), base + start, nbytes)
             increment_version(dst)
 
-    size = shard._size
-    step = -(-size // BLOCKS)
+    size = shard.size
+    step = block_size(size)
     hashers = [xxhash.xxh3_128() for _ in range(BLOCKS)]
-    view = memoryview(shard._map)
+    view = shard.view()
 
     def feed(a: int, b: int) -> None:
         while a < b:

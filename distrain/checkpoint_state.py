@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distrain.shard_file import dtype_name
+
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """This process's RNG states as tensors (+ metadata strings): torch CPU/CUDA, numpy, python."""
@@ -151,10 +153,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     wanted when checkpointing; the attribute is what to_local returns)."""
     local = getattr(t, "_local_tensor", None)
     return local if isinstance(local, torch.Tensor) else t.to_local()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _replicated(tensors: dict[str, torch.Tensor]) -> list[str]:

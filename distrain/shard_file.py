@@ -35,6 +35,11 @@ DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as torch spells it without the module ("float32"), as TensorSpec and the index take it."""
+    return str(dtype).removeprefix("torch.")
+
+
 class ShardFileError(ValueError):
     """A file that is not a readable safetensors file (its path and what is wrong in the message)."""
 
@@ -45,7 +50,7 @@ def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
     if sys.byteorder != "little":  # the format is little-endian and the serializer copies raw bytes
         raise RuntimeError("distrain checkpoints need a little-endian machine")
     specs = {
-        name: safetensors.TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+        name: safetensors.TensorSpec(dtype=dtype_name(t.dtype), shape=list(t.shape),
                                      data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
         for name, t in tensors.items()
     }  # fmt: skip
@@ -76,10 +81,15 @@ class ShardFile:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict[str, Any]] = header
         self._data = 8 + header_len
-        self._size = size
-        self._anchor = ctypes.c_char.from_buffer(self._map)  # the map's address, for copy_into
+        self.size = size
+        self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the map's buffer exported while mapped
+        self.address = ctypes.addressof(self._anchor)  # of byte 0, for memmove
 
-    def _span(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+    def view(self) -> memoryview:
+        """The whole file's bytes (release the view when done)."""
+        return memoryview(self._map)
+
+    def span(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
         """(dtype, shape, first byte, byte count) of tensor `name`, checked against the file."""
         try:
             entry = self.entries[name]
@@ -91,13 +101,13 @@ class ShardFile:
         count = 1
         for n in shape:
             count *= n
-        if end - begin != count * dtype.itemsize or self._data + end > self._size or begin < 0:
+        if end - begin != count * dtype.itemsize or self._data + end > self.size or begin < 0:
             raise ShardFileError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size")
         return dtype, shape, self._data + begin, end - begin
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor `name`, viewing the mapped file (read-only use: copy it before changing it)."""
-        dtype, shape, start, nbytes = self._span(name)
+        dtype, shape, start, nbytes = self.span(name)
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=start).view(shape)
@@ -108,10 +118,10 @@ class ShardFile:
         The C library's memmove also beats Tensor.copy_ on large copies (its non-temporal stores,
         used above ~3/4 of the last-level cache, skip reading the destination first: 600 MB in 52
         ms against 95 here). The version counter is bumped as copy_ would."""
-        dtype, shape, start, nbytes = self._span(name)
+        dtype, shape, start, nbytes = self.span(name)
         if dst.dtype != dtype or not dst.is_cpu or list(dst.shape) != shape or not dst.is_contiguous():
             return False
         if nbytes:
-            ctypes.memmove(dst.data_ptr(), ctypes.addressof(self._anchor) + start, nbytes)
+            ctypes.memmove(dst.data_ptr(), self.address + start, nbytes)
             increment_version(dst)
         return True

@@ -23,9 +23,17 @@ def save_weights(
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     tmp = path.with_name(path.name + ".tmp")
     write_shard(tmp, tensors, metadata or {})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_synced(path: str | os.PathLike, text: str) -> None:
