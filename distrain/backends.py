@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -209,6 +210,18 @@ class Backend:
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients()
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+    def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float, loss_finite: bool) -> tuple[Any, bool]:
+        """Clip, then step unless the loss or the gradient is non-finite: (pre-clip norm, applied)."""
+        grad_norm = self.clip_grad_norm(model, clip_norm)
+        # under fp16 an overflowing norm is the grad scaler's business
+        if not loss_finite or (self.cfg.precision != "fp16" and not math.isfinite(float(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm, False
+        return grad_norm, self.optimizer_step(optimizer)
+
+    def after_forward_only(self, model: torch.nn.Module) -> None:
+        """After forwards without a backward (evaluation): put the model back as training holds it."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step and zero the grads; False when the grad scaler skipped the step (fp16 overflow)."""

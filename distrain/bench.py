@@ -56,7 +56,7 @@ class StepRunner:
             idx = plan.step_samples(self.order, 0)
         start = time.perf_counter()
         micro = [move_to(next(self._batches), t.device, t.non_blocking) for _ in range(plan.grad_accum)]
-        loss, _, _ = t.train_step(micro, len(idx))
+        loss = t.train_step(micro, len(idx)).loss
         t.scheduler.step()
         float(loss)
         self.consumed += len(idx)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.config import DataConfig
+from distrain.rng import FETCH, seed_global, stream_seed
 
 
 class ArrayDataset(Dataset):
@@ -43,9 +44,33 @@ class ArrayDataset(Dataset):
 
 
 class BatchIndices(list):
-    """A list of sample indices that also tells the dataset which epoch it is in (for augmentation)."""
+    """A list of sample indices that also tells the dataset which epoch it is in (for augmentation)
+    and the seed its fetch runs under (None: the RNGs are left as they are)."""
 
     epoch: int = 0
+    seed: int | None = None
+
+
+class SeededFetch(Dataset):
+    """A dataset whose batches are fetched with the global RNGs seeded from the batch's position,
+    so a dataset that draws from them (torch.rand in __getitem__, say) gives the same batch in a
+    resumed run, in a worker process or not, whatever the worker's earlier batches were."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        seed = getattr(indices, "seed", None)
+        if seed is not None:
+            seed_global(seed)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -139,9 +164,10 @@ class TrainBatchSampler(Sampler):
             step_idx = self.plan.step_samples(order, consumed)
             if len(step_idx) == 0:
                 return
-            for part in self.plan.micro_batches(step_idx):
+            for m, part in enumerate(self.plan.micro_batches(step_idx)):
                 batch = BatchIndices(part.tolist())
                 batch.epoch = self.epoch
+                batch.seed = stream_seed(self.plan.seed, FETCH, self.epoch, consumed, m, self.plan.rank)
                 yield batch
             consumed += len(step_idx)
 
@@ -175,8 +201,15 @@ class EvalBatchSampler(Sampler):
         return torch.arange(self.per_rank * self.world_size) < self.num_samples
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, kwargs: dict[str, Any]) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, **kwargs)
+def build_loader(dataset: Dataset, sampler: Sampler, kwargs: dict[str, Any], seed: int | None = None) -> DataLoader:
+    """A DataLoader over `sampler`'s index lists. With `seed` (training), batches are fetched under
+    seeded RNGs (SeededFetch; in-memory columns draw nothing and need none) and the loader's own
+    draws (worker base seeds) come from a generator of its own, not from the global RNG."""
+    if seed is None:
+        return DataLoader(dataset, batch_sampler=sampler, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    fetched = dataset if isinstance(dataset, ArrayDataset) else SeededFetch(dataset)
+    return DataLoader(fetched, batch_sampler=sampler, generator=generator, **kwargs)
 
 
 def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:

@@ -117,6 +117,11 @@ class FSDPBackend(Backend):
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def after_forward_only(self, model: torch.nn.Module) -> None:
+        # The root keeps its parameters unsharded after a forward (reshard_after_forward=False) until
+        # the backward that never comes in evaluation; checkpoints and the optimizer expect shards.
+        model.reshard()  # type: ignore[operator]
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -113,6 +113,37 @@ class MetricsLogger:
             self.file.close()
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def supersede_rows(run_dir: Path, step: int, resumed_from: str, segment: int) -> int:
+    """At a resume from `step`: move metrics.jsonl's rows of later steps (written by the interrupted
+    segment after its last checkpoint, and about to be written again) to metrics.superseded.jsonl,
+    and mark the resume with an event row. Returns how many rows moved."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step", -1)
+        except (json.JSONDecodeError, AttributeError):
+            row_step = -1  # a torn last line of a killed process: not part of the lineage
+            moved.append(line)
+            continue
+        (moved if isinstance(row_step, int) and row_step > step else kept).append(line)
+    kept.append(json.dumps({"event": "resume", "step": step, "from": resumed_from, "segment": segment}))
+    if moved:
+        with open(run_dir / SUPERSEDED, "a") as f:
+            f.write("".join(line + "\n" for line in moved))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(moved)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -35,9 +35,19 @@ from distrain.data import (
     loader_kwargs,
     move_to,
 )
-from distrain.metrics import MetricsLogger, init_trackers, peak_memory_mb, setup_logging, slurm_info, write_json
+from distrain.metrics import (
+    SUPERSEDED,
+    MetricsLogger,
+    init_trackers,
+    peak_memory_mb,
+    setup_logging,
+    slurm_info,
+    supersede_rows,
+    write_json,
+)
 from distrain.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.recipe import Recipe, StepOutput
+from distrain.rng import seed_step
 from distrain.signals import InterruptFlag
 from distrain.throughput import count_flops, mfu, peak_flops
 from distrain.weights import save_weights
@@ -69,6 +79,22 @@ class TrainState:
     bad_steps: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
+    last_eval_step: int = -1  # so a resume neither repeats an evaluation nor loses one
+    elapsed: float = 0.0  # seconds of training in this lineage up to this state, over all resumed segments
+    segments: int = 1  # processes this lineage ran in (1 + resumes)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did, as train_step returns it."""
+
+    loss: torch.Tensor  # the step's global mean loss
+    grad_norm: float  # global gradient norm before clipping
+    applied: bool  # False: skipped (non-finite loss or gradient, or an fp16 overflow)
+    loss_finite: bool
+    interrupt: bool  # some rank received SIGINT/SIGTERM/SIGUSR1: all ranks stop after this step
+    tokens: int  # tokens of the step over all ranks (0 when the recipe does not count them)
+    backward_done: float  # perf_counter when the forward/backward pass finished (after a host sync)
 
 
 @dataclass
@@ -158,8 +184,6 @@ class Trainer:
         self.model, self.optimizer = self.backend.prepare(model, optimizer)
         self.backend.verify(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.lr)
-        # Dropout and augmentation streams differ per rank; weights were seeded identically above.
-        torch.manual_seed(cfg.train.seed + 7919 * (self.rank + 1))
 
         on_cuda = self.device.type == "cuda"
         self.train_sampler = TrainBatchSampler(self.plan)
@@ -167,6 +191,7 @@ class Trainer:
             self.datasets["train"],
             self.train_sampler,
             loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
+            seed=cfg.train.seed,
         )
         self.non_blocking = on_cuda
         count = cfg.log.flops if cfg.log.flops is not None else on_cuda
@@ -188,8 +213,15 @@ class Trainer:
         self._write_config()
         setup_logging(self.rank, self.run_dir)
         if self.resumed_from is not None:
-            log.info("resumed from %s at step %d (epoch %d, %d samples in)", self.resumed_from, self.state.step,
-                     self.state.epoch, self.state.consumed)  # fmt: skip
+            self.state.segments += 1
+            log.info("resumed from %s at step %d (epoch %d, %d samples in); segment %d of this run",
+                     self.resumed_from, self.state.step, self.state.epoch, self.state.consumed,
+                     self.state.segments)  # fmt: skip
+            if self.rank == 0:
+                moved = supersede_rows(self.run_dir, self.state.step, str(self.resumed_from), self.state.segments)
+                if moved:
+                    log.info("%d metrics.jsonl rows after step %d (the interrupted segment's) moved to %s",
+                             moved, self.state.step, SUPERSEDED)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
 
@@ -214,8 +246,12 @@ class Trainer:
     def _save_step(self) -> None:
         """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
         if self._last_saved_step != self.state.step:
-            trainer_checkpoint.save(self, checkpoint.step_name(self.state.step))
+            self._save(checkpoint.step_name(self.state.step))
             self._last_saved_step = self.state.step
+
+    def _save(self, name: str) -> None:
+        self.state.elapsed = self._elapsed()  # rank 0's clock is the one summary.json reports
+        trainer_checkpoint.save(self, name)
 
     def plan_text(self) -> str:
         total, trainable = count_params(self.backend.unwrap(self.model))
@@ -256,11 +292,10 @@ class Trainer:
             raise TypeError("recipe step must return per-sample losses (reduction='none'), got a scalar")
         return out
 
-    def train_step(self, micro_batches: list[Any], global_count: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step over this rank's micro-batches.
-
-        Returns the step's global mean loss, the gradient norm, and whether the step was applied.
-        """
+    def train_step(self, micro_batches: list[Any], global_count: int) -> StepResult:
+        """One optimizer step over this rank's micro-batches, numbered self.state.step."""
+        # Dropout and any randomness of the recipe's step: a pure function of (seed, rank, step).
+        seed_step(self.cfg.train.seed, self.rank, self.state.step, self.device)
         factor = self.backend.loss_factor(global_count)
         loss_sum: torch.Tensor | None = None
         tokens = 0
@@ -289,17 +324,11 @@ class Trainer:
             loss_sum, flag, tokens = packed[0], float(packed[1]), int(packed[2])
         loss = loss_sum / global_count
         loss_finite = math.isfinite(float(loss))  # a host sync: waits for the backward on CUDA too,
-        self._backward_done = time.perf_counter()  # so the time split is real
-        self._interrupt_agreed = flag > 0
-        self._step_tokens = tokens if self.recipe.tokens is not None else 0
-        grad_norm = self.backend.clip_grad_norm(self.model, self.cfg.train.clip_norm)
-        # under fp16 an overflowing norm is the grad scaler's business
-        finite = loss_finite and (self.cfg.precision == "fp16" or math.isfinite(float(grad_norm)))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss, grad_norm, False
-        applied = self.backend.optimizer_step(self.optimizer)
-        return loss, grad_norm, applied
+        backward_done = time.perf_counter()  # so the time split is real
+        grad_norm, applied = self.backend.step(self.model, self.optimizer, self.cfg.train.clip_norm, loss_finite)
+        return StepResult(loss=loss, grad_norm=float(grad_norm), applied=applied, loss_finite=loss_finite,
+                          interrupt=flag > 0, tokens=tokens if self.recipe.tokens is not None else 0,
+                          backward_done=backward_done)  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation
 
@@ -320,6 +349,7 @@ class Trainer:
             if out.targets is not None:
                 targets.append(out.targets)
         self.model.train()
+        self.backend.after_forward_only(self.model)
         mask = sampler.gathered_mask()
 
         def gather(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -346,12 +376,16 @@ class Trainer:
             )
         value = float(metrics[t.metric])
         sign = 1.0 if t.mode == "min" else -1.0
-        improved = s.best_metric is None or sign * (value - s.best_metric) < -t.min_delta
+        # NaN compares false with everything: it would become a best that nothing beats
+        improved = math.isfinite(value) and (s.best_metric is None or sign * (value - s.best_metric) < -t.min_delta)
+        if not math.isfinite(value):
+            log.warning("step %d: validation %s is %s; counted as an evaluation without improvement",
+                        s.step, t.metric, value)  # fmt: skip
         if improved:
             s.best_metric, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch, 0
             self.best_weights = self.backend.local_state_dict(self.model)
             if self.cfg.ckpt.save_best:
-                trainer_checkpoint.save(self, "best")
+                self._save("best")
         else:
             s.bad_evals += 1
             if t.patience and s.bad_evals >= t.patience:
@@ -366,8 +400,8 @@ class Trainer:
         logger.log(row, self.state.step)
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         log.info("eval step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in scalar.items()))
+        self.state.last_eval_step = self.state.step
         self._on_eval(metrics)
-        self._last_eval_step = self.state.step
         for callback in self.on_eval:  # e.g. a sweep's pruner: an exception it raises ends train()
             callback(self.state.step, metrics)
 
@@ -378,19 +412,20 @@ class Trainer:
         init_trackers(self.accelerator, cfg, self.run_dir)
         logger = MetricsLogger(self.accelerator, self.run_dir, self.total_steps, s.step, cfg.log.progress)
         self.interrupt.install()
-        self._last_eval_step = -1
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() - s.elapsed  # the lineage's clock: earlier segments count
         exit_code = 0
         try:
+            if self._eval_due():  # the interrupted run stopped at an eval_every step before evaluating
+                self._run_eval(logger, self._elapsed())
             while s.step < self.total_steps and not s.stopped_early:
                 if self._train_epoch(logger):
                     s.epoch, s.consumed = s.epoch + 1, 0
-                    if self._last_eval_step != s.step:
-                        self._run_eval(logger, time.perf_counter() - self._start)
+                    if s.last_eval_step != s.step:
+                        self._run_eval(logger, self._elapsed())
                     if cfg.ckpt.every_epoch:
                         self._save_step()
-            if self._last_eval_step != s.step:
-                self._run_eval(logger, time.perf_counter() - self._start)
+            if s.last_eval_step != s.step:
+                self._run_eval(logger, self._elapsed())
             if cfg.ckpt.save_final:
                 self._save_step()
         except Interrupted as e:
@@ -400,7 +435,14 @@ class Trainer:
         finally:
             self.interrupt.restore()
             logger.close()
-        return self._finish(exit_code, time.perf_counter() - self._start)
+        return self._finish(exit_code, self._elapsed())
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def _eval_due(self) -> bool:
+        every, s = self.cfg.train.eval_every, self.state
+        return bool(every) and s.step > 0 and s.step % every == 0 and s.last_eval_step != s.step
 
     def _train_epoch(self, logger: MetricsLogger) -> bool:
         """Train from the current position; True when the epoch ran out of samples."""
@@ -418,39 +460,44 @@ class Trainer:
             t0 = time.perf_counter()
             micro = [move_to(next(batches), self.device, self.non_blocking) for _ in range(self.plan.grad_accum)]
             t1 = time.perf_counter()
-            loss, grad_norm, applied = self.train_step(micro, len(step_idx))
+            result = self.train_step(micro, len(step_idx))
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             s.step += 1
             s.consumed += len(step_idx)
-            loss_value = float(loss)
-            self._check_finite(loss_value, applied)
-            tb = self._backward_done
-            window.add(loss_value, len(step_idx), t1 - t0, tb - t1, time.perf_counter() - tb, self._step_tokens)
+            loss_value = float(result.loss)
+            self._check_finite(result, loss_value)
+            tb = result.backward_done
+            window.add(loss_value, len(step_idx), t1 - t0, tb - t1, time.perf_counter() - tb, result.tokens)
             if s.step % cfg.log.every == 0 or s.step == self.total_steps:
-                self._log_train(logger, window, lr, float(grad_norm))
+                self._log_train(logger, window, lr, result.grad_norm)
                 window = Window()
             else:
                 logger.advance(1)
-            if self._interrupt_agreed:
+            if result.interrupt:  # the evaluation due at this step runs first thing after the resume
                 raise Interrupted(self.interrupt.exit_code or 130)
             if cfg.train.eval_every and s.step % cfg.train.eval_every == 0:
-                self._run_eval(logger, time.perf_counter() - self._start)
+                self._run_eval(logger, self._elapsed())
             if cfg.ckpt.every_steps and s.step % cfg.ckpt.every_steps == 0:
                 self._save_step()
 
-    def _check_finite(self, loss_value: float, applied: bool) -> None:
+    def _check_finite(self, result: StepResult, loss_value: float) -> None:
+        """Count skipped steps; consecutive bad ones (non-finite loss or gradient) stop the run."""
         s = self.state
-        if math.isfinite(loss_value):
+        if result.applied:
             s.bad_steps = 0
-            s.skipped_steps += 0 if applied else 1
             return
-        s.bad_steps += 1
         s.skipped_steps += 1
-        log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", s.step, loss_value, s.bad_steps)
+        scaler = self.accelerator.scaler
+        if result.loss_finite and scaler is not None and scaler.get_scale() >= 1.0:
+            return  # an fp16 overflow: the grad scaler has backed the loss scale off, the routine case
+        s.bad_steps += 1
+        what = f"non-finite loss {loss_value}" if not result.loss_finite else (
+            f"finite loss {loss_value:.4g} but non-finite gradient norm {result.grad_norm}")
+        log.warning("step %d: %s, step skipped (%d in a row)", s.step, what, s.bad_steps)
         if s.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingError(
-                f"{s.bad_steps} consecutive steps with a non-finite loss (train.max_bad_steps="
+                f"{s.bad_steps} consecutive steps with a non-finite loss or gradient (train.max_bad_steps="
                 f"{self.cfg.train.max_bad_steps}); lower optim.lr, check the data, or use precision=bf16"
             )
 
@@ -532,8 +579,9 @@ class Trainer:
             "test": test_metrics,
             "stopped_early": s.stopped_early,
             "skipped_steps": s.skipped_steps,
-            "wall_time_s": round(wall, 3),
+            "wall_time_s": round(wall, 3),  # all segments of a resumed run, up to each one's last checkpoint
             "samples_per_s": round(s.step * self.plan.global_batch / wall, 2) if wall > 0 else 0.0,
+            "segments": s.segments,
             "world_size": self.world_size,
             "backend": self.backend.name,
             "run_dir": str(self.run_dir),

@@ -6,12 +6,8 @@ The file format, atomic writes, verification and loading live in distrain/checkp
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from distrain.checkpoint import (
     CKPT_DIR,
@@ -25,7 +21,7 @@ from distrain.checkpoint import (
     verify,
     versions,
 )
-from distrain.checkpoint_load import ChecksumError, check_fits, load_rng, load_states, load_verified
+from distrain.checkpoint_load import ChecksumError, check_fits, load_states, load_verified
 
 log = logging.getLogger("distrain")
 
@@ -130,13 +126,7 @@ def resume(trainer: Any) -> Path | None:
     scaler = getattr(trainer.accelerator, "scaler", None)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if state.get("world_size") == trainer.world_size:
-        load_rng(path, trainer.rank)
-    else:  # per-rank streams cannot be mapped onto another world size: fresh, step-dependent ones
-        seed = cfg.train.seed + 7919 * (trainer.rank + 1) + 104729 * trainer.state.step
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    # No RNG state to restore: every random stream is a function of (seed, rank, step) (distrain.rng).
     if state.get("config_hash") != config_hash(to_plain(cfg)):
         log.warning("resuming %s with changed settings (besides max_steps/logging/checkpointing)", path)
     trainer._last_saved_step = trainer.state.step if path.name.startswith("step_") else -1

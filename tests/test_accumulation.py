@@ -46,8 +46,7 @@ def test_accumulated_update_equals_big_batch_gradient(tmp_path, sizes):
     want = big_batch_grad(trainer.model, full["x"], full["y"])
     bounds = np.cumsum([0, *sizes])
     micro = [data.__getitems__(idx[a:b]) for a, b in itertools.pairwise(bounds)]
-    _loss, _, applied = trainer.train_step(micro, global_count=sum(sizes))
-    assert applied
+    assert trainer.train_step(micro, global_count=sum(sizes)).applied
     for n, p in trainer.model.named_parameters():
         got = before[n] - p.detach()
         torch.testing.assert_close(got, want[n], rtol=0, atol=1e-6, msg=f"{n} with micro-batches {sizes}")
@@ -59,7 +58,7 @@ def test_step_loss_is_mean_over_all_samples(tmp_path):
     a, b = data.__getitems__(list(range(0, 3))), data.__getitems__(list(range(3, 12)))
     with torch.no_grad():
         want = F.cross_entropy(trainer.model(torch.cat([a["x"], b["x"]])), torch.cat([a["y"], b["y"]])).item()
-    loss, _, _ = trainer.train_step([a, b], global_count=12)
+    loss = trainer.train_step([a, b], global_count=12).loss
     assert float(loss) == pytest.approx(want, rel=1e-6)  # not the mean of the two micro-batch means
 
 
