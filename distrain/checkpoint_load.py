@@ -175,6 +175,10 @@ def load_states(
     if optim_state is not None:
         targets, _ = flatten_optim(optim_state)
         saved = {k.removeprefix("optim."): k for k in index["tensors"] if k.startswith("optim.")}
+        # A parameter that never had a gradient has no optimizer state in the run that saved it;
+        # the fresh optimizer here got state for every parameter, which set_live_states drops again.
+        stateful = {k.rpartition(".")[0] for k in saved}
+        targets = {k: v for k, v in targets.items() if k.rpartition(".")[0] in stateful}
         missing = sorted(set(targets) - set(saved))
         extra = sorted(set(saved) - set(targets))
         if missing or extra:

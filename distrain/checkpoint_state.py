@@ -116,6 +116,9 @@ def set_live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer, m
         if optim_state is None:
             return
         params = dict(module.named_parameters())
+        for name, p in params.items():
+            if name not in optim_state["state"]:
+                optimizer.state.pop(p, None)  # no state when saved (never had a gradient): none now either
         for name, entries in optim_state["state"].items():
             live_state = optimizer.state[params[name]]
             for key, value in entries.items():

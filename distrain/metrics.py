@@ -121,10 +121,8 @@ def supersede_rows(run_dir: Path, step: int, resumed_from: str, segment: int) ->
     segment after its last checkpoint, and about to be written again) to metrics.superseded.jsonl,
     and mark the resume with an event row. Returns how many rows moved."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
     kept, moved = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.is_file() else []:
         if not line.strip():
             continue
         try:

@@ -18,11 +18,11 @@ from distrain.data import BatchPlan
 from distrain.recipe import resolve_config
 from distrain.trainer import Trainer
 
-from helpers import TINY_HAR
+from helpers import NO_DROPOUT, TINY_HAR
 
 
 def make_trainer(tmp_path, extra=()):
-    cfg, recipe = resolve_config([*TINY_HAR, f"output_dir={tmp_path}", "optim.name=sgd", "optim.lr=1.0",
+    cfg, recipe = resolve_config([*TINY_HAR, *NO_DROPOUT, f"output_dir={tmp_path}", "optim.name=sgd", "optim.lr=1.0",
                                   "optim.momentum=0", "optim.weight_decay=0", "train.clip_norm=0",
                                   "sched.name=constant", "sched.warmup_ratio=0", *extra])
     return Trainer(cfg, recipe)

@@ -26,12 +26,12 @@ from distrain.fsdp import FSDPBackend
 from distrain.recipe import resolve_config
 from distrain.zero import DeepSpeedBackend, fill_deepspeed_config
 
-from helpers import REPO, TINY_HAR, metrics_rows, run_distrain, weights
+from helpers import NO_DROPOUT, REPO, TINY_HAR, metrics_rows, run_distrain, weights
 
 STEPS = 10
 # Evaluating every 3 steps makes step 9 the best (step 10 only ties it), so the best-weights
 # snapshot is taken, restored and exported through each backend too.
-BASE = [*TINY_HAR, f"train.max_steps={STEPS}", "data.batch_size=8", "train.eval_every=3",
+BASE = [*TINY_HAR, *NO_DROPOUT, f"train.max_steps={STEPS}", "data.batch_size=8", "train.eval_every=3",
         "ckpt.save_best=false", "ckpt.save_final=false"]  # fmt: skip
 LAUNCH = {
     "ddp": "cpu_ddp",

@@ -21,11 +21,11 @@ from distrain import checkpoint as ck
 from distrain.export import export, load_weights_dir
 from distrain.shard_file import ShardFile
 
-from helpers import BIN, REPO, TINY_HAR, free_port, metrics_rows, run_distrain, weights
+from helpers import BIN, NO_DROPOUT, REPO, TINY_HAR, free_port, metrics_rows, run_distrain, weights
 
 pytestmark = pytest.mark.multiproc
 
-CFG = [*TINY_HAR, "data.batch_size=32", "train.max_steps=30", "ckpt.every_steps=10"]
+CFG = [*TINY_HAR, *NO_DROPOUT, "data.batch_size=32", "train.max_steps=30", "ckpt.every_steps=10"]
 SINGLE = ["train.grad_accum=2"]  # one process, same global batch
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
+from helpers import NO_DROPOUT, REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
 
 sys.path.insert(0, str(REPO))
 from recipes import har
@@ -131,8 +131,8 @@ def test_ddp_two_processes_world_size_and_identical_ranks(tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     # SGD: Adam divides by sqrt(v) and turns float noise in exactly-zero gradients (the attention key
     # bias) into full-size updates, so weights would differ by reduction order alone.
-    common = [*TINY_HAR, "train.max_steps=8", "sched.warmup_steps=3", "data.batch_size=16", "optim.name=sgd",
-              "optim.lr=0.05"]
+    common = [*TINY_HAR, *NO_DROPOUT, "train.max_steps=8", "sched.warmup_steps=3", "data.batch_size=16",
+              "optim.name=sgd", "optim.lr=0.05"]  # compared with one process: the ranks' dropout masks differ
     proc = run_distrain([*common, f"output_dir={ddp}", "log.save_rank_weights=true"], launch_config="cpu_ddp")
     assert "2 x cpu" in proc.stderr and "ddp" in proc.stderr
     summary = json.loads((ddp / "summary.json").read_text())
