@@ -115,9 +115,10 @@ def configure_torch(cfg: Config) -> None:
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts of the whole model, also when ZeRO-3 holds only a partition."""
     total = trainable = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty placeholder in p itself
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
@@ -205,11 +206,42 @@ class Backend:
         scaler = self.accelerator.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float,
+             loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """End an optimizer step: clip, then apply it unless the loss or the gradient norm is non-finite.
+
+        Returns (the global gradient norm before clipping, whether the step was applied). A skipped
+        step leaves weights and optimizer state untouched and drops the gradients; under fp16 it
+        also backs the loss scale off. Every rank must reach the same decision, so `loss_finite`
+        is the global loss's verdict and the norm is global.
+        """
+        scaler = self.accelerator.scaler
+        plain = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper under fp16
+        if scaler is not None:
+            scaler.unscale_(plain)
+        norm = self.clip_grads(model, clip_norm)
+        applied = loss_finite and math.isfinite(float(norm))
+        if scaler is None:
+            if applied:
+                plain.step()
+        elif applied:
+            scaler.step(plain)  # found no inf: the norm over the same gradients is finite
+            scaler.update()
+        else:
+            back_off(scaler)
+        plain.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the (unscaled) gradients to max_norm (0: only measure); the global norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+    # Superseded by step(); kept until the trainer calls step().
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0: only measure) and return the global norm before clipping."""
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients()
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        return self.clip_grads(model, max_norm)
 
     def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float, loss_finite: bool) -> tuple[Any, bool]:
         """Clip, then step unless the loss or the gradient is non-finite: (pre-clip norm, applied)."""
@@ -281,9 +313,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...]) -> Backend:
+def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...],
+                   micro_batch: int | None = None, grad_accum: int | None = None) -> Backend:  # fmt: skip
     """The backend the launch config asked for: FSDP from accelerate's env, never from its distributed
-    type, which says DDP on CPU; DeepSpeed from the accelerator's state."""
+    type, which says DDP on CPU; DeepSpeed from the accelerator's state.
+
+    micro_batch and grad_accum are the resolved batch plan (data.batch_size=auto chooses them);
+    DeepSpeed's config is filled from them. None: data.batch_size and train.grad_accum as set.
+    """
     dtype = accelerator.distributed_type
     if fsdp_requested():
         from distrain.fsdp import FSDPBackend
@@ -292,7 +329,7 @@ def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[st
     if dtype == DistributedType.DEEPSPEED:
         from distrain.zero import DeepSpeedBackend
 
-        return DeepSpeedBackend(accelerator, cfg, shard_blocks)
+        return DeepSpeedBackend(accelerator, cfg, shard_blocks, micro_batch=micro_batch, grad_accum=grad_accum)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise LaunchError(f"the launch config asks for DeepSpeed but accelerate set up {dtype.value}")
     if dtype == DistributedType.NO:
@@ -300,6 +337,17 @@ def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[st
     if dtype in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         return DDPBackend(accelerator, cfg, shard_blocks)
     raise LaunchError(f"distributed type {dtype} is not supported by distrain")
+
+
+def back_off(scaler: torch.amp.GradScaler) -> None:
+    """Book a skipped step with the fp16 grad scaler as update() books one that found an inf: the scale
+    times backoff_factor and the growth count restarted, identically on every rank whatever each
+    rank's own inf check found; this step's unscale_ record is cleared, so the next step can unscale."""
+    state = scaler.state_dict()
+    state["scale"] = state["scale"] * state["backoff_factor"]
+    state["_growth_tracker"] = 0
+    scaler.update(new_scale=float(state["scale"]))
+    scaler.load_state_dict(state)
 
 
 def iter_named_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> Iterator[torch.nn.Module]:

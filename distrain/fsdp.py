@@ -106,13 +106,12 @@ class FSDPBackend(Backend):
         model.set_requires_gradient_sync(sync)  # type: ignore[operator]
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
-        self.accelerator.unscale_gradients()
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the norm over all shards
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -21,21 +21,27 @@ class DeepSpeedBackend(Backend):
     batch, clipping, precision) from its config; a value a user JSON sets that contradicts
     distrain's is an error naming both. The optimizer is distrain's torch optimizer (DeepSpeed's
     client optimizer, also when the optimizer state is offloaded), and the LR
-    schedule is distrain's, stepped once per optimizer step. The engine clips and steps in
-    one call, which distrain makes at `clip_grad_norm` (the norm is only known there).
+    schedule is distrain's, stepped once per optimizer step. The engine reduces, clips and
+    steps in one call, made at `step`; a step distrain skips still makes that call, with the
+    update withheld (see UpdateGate), so the engine's bookkeeping stays its own.
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = ()):
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = (),
+                 micro_batch: int | None = None, grad_accum: int | None = None):  # fmt: skip
         super().__init__(accelerator, cfg, shard_blocks)
         plugin = accelerator.state.deepspeed_plugin
         self.ds_config: dict[str, Any] = plugin.deepspeed_config
-        fill_deepspeed_config(self.ds_config, cfg, self.world_size, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        fill_deepspeed_config(self.ds_config, cfg, self.world_size, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+                              micro_batch=micro_batch, grad_accum=grad_accum)  # fmt: skip
+        self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
+        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.name = f"deepspeed_zero{self.stage}"
         zero = self.ds_config.get("zero_optimization", {})
         self.offload_optimizer = str(zero.get("offload_optimizer", {}).get("device", "none")).lower()
         self.offload_param = str(zero.get("offload_param", {}).get("device", "none")).lower()
         self.engine: Any = None  # the DeepSpeedEngine, for checkpointing
+        self.gate: UpdateGate | None = None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         if self.offload_optimizer in ("cpu", "nvme"):
@@ -48,6 +54,7 @@ class DeepSpeedBackend(Backend):
             model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=low), with_kwargs=True)
         engine, optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = engine
+        self.gate = UpdateGate(getattr(engine.optimizer, "optimizer", engine.optimizer), self.accelerator.device)
         return engine, optimizer
 
     def verify(self, model: torch.nn.Module) -> None:
@@ -60,6 +67,12 @@ class DeepSpeedBackend(Backend):
             raise LaunchError(f"DeepSpeed ZeRO stage {self.stage} was asked for but the engine runs stage {stage}")
         if model.dp_world_size != self.world_size:
             raise LaunchError(f"DeepSpeed data-parallel size {model.dp_world_size} != {self.world_size} processes")
+        engine_batch = (model.train_micro_batch_size_per_gpu(), model.gradient_accumulation_steps())
+        if engine_batch != (self.micro_batch, self.grad_accum):
+            raise LaunchError(
+                f"DeepSpeed runs micro-batch {engine_batch[0]} x accumulation {engine_batch[1]} but distrain "
+                f"planned {self.micro_batch} x {self.grad_accum}"
+            )
 
     def sync_context(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         # The engine reduces gradients only at the boundary; distrain marks it itself and steps once.
@@ -70,6 +83,25 @@ class DeepSpeedBackend(Backend):
         # distrain's loss factor already divides by the step's global sample count.
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float,
+             loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """The engine reduces, clips (gradient_clipping = train.clip_norm) and steps in one call; the
+        update is withheld when the loss is non-finite or the gradients DeepSpeed hands the optimizer
+        are. DeepSpeed skips a non-finite gradient norm itself (its overflow path); both leave weights
+        and optimizer state untouched and the engine's gradient buffers cleared. The engine clips to
+        the gradient_clipping it was built with, train.clip_norm at start (clip_norm is that value)."""
+        assert self.gate is not None, "prepare() first"
+        self.gate.arm(loss_finite)
+        try:
+            self.engine.step()
+        finally:
+            withheld = self.gate.disarm()
+        optimizer.step()  # accelerate's wrapper: a no-op that tells the LR schedule a step happened
+        norm = self.engine.get_global_grad_norm()
+        applied = not withheld and bool(self.engine.was_step_applied())
+        return torch.as_tensor(float("nan") if norm is None else float(norm)), applied
+
+    # Superseded by step(); kept until the trainer calls step().
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """The engine clips (gradient_clipping = train.clip_norm) and steps here; returns the pre-clip norm."""
         self.engine.step()
@@ -232,12 +264,75 @@ class DeepSpeedBackend(Backend):
         weights = dtype_name(LOW_PRECISION.get(self.cfg.precision, torch.float32))
         offload = [f"{w} -> {d}" for w, d in (("optimizer", self.offload_optimizer), ("params", self.offload_param))
                    if d not in ("none", "")]  # fmt: skip
+        e = self.engine
         return [
             ("sharding", f"DeepSpeed ZeRO-{self.stage}: {what} partitioned over {self.world_size} ranks"),
             ("params per rank", per_rank),
+            ("ds batch", f"train_micro_batch_size_per_gpu {e.train_micro_batch_size_per_gpu()}, "
+             f"gradient_accumulation_steps {e.gradient_accumulation_steps()}, train_batch_size {e.train_batch_size()}"),
             ("ds precision", f"params {weights}, master weights fp32, clip {self.ds_config.get('gradient_clipping')}"
              + (f", offload {', '.join(offload)}" if offload else "")),
         ]
+
+
+class UpdateGate:
+    """Withholds, when told to, the update of the torch optimizer DeepSpeed steps inside engine.step().
+
+    engine.step() reduces the gradients, computes the global norm, clips, steps the optimizer on
+    the fp32 partitions, copies them to the working weights and clears its gradient buffers, all
+    in one call. A skipped step still makes the call, so the engine's counters and buffers stay
+    consistent; the optimizer's pre-step hook then empties its parameter groups for that step (a
+    torch optimizer steps only the parameters it is given) and the post-step hook restores them:
+    weights and optimizer state do not change. The gate also closes, on every rank, when any
+    rank's gradients are non-finite: DeepSpeed versions and settings that do not skip those
+    themselves (bf16 without check_grad_overflow) would otherwise apply them. That check runs per
+    parameter group, as DeepSpeed steps them; the DeepSpeed installed here skips such steps first.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device = device
+        self.armed = False  # only inside DeepSpeedBackend.step: other optimizer.step() calls pass untouched
+        self.loss_finite = True
+        self.withheld = False
+        self._hidden: list[list[torch.Tensor]] = []
+        optimizer.register_step_pre_hook(self._before)
+        optimizer.register_step_post_hook(self._after)
+
+    def arm(self, loss_finite: bool) -> None:
+        self.armed, self.loss_finite, self.withheld = True, loss_finite, False
+
+    def disarm(self) -> bool:
+        """End the step; True when its update was withheld."""
+        self.armed = False
+        return self.withheld
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.armed or (self.loss_finite and self._grads_finite(optimizer)):
+            return
+        self.withheld = True
+        self._hidden = [group["params"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["params"] = []
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._hidden:
+            return
+        for group, params in zip(optimizer.param_groups, self._hidden, strict=True):
+            group["params"] = params
+        self._hidden = []
+
+    def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the gradients about to be applied are finite on every rank (DeepSpeed calls the
+        optimizer once per parameter group or sub-group, the same number of times on every rank)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        ok = torch.ones((), device=self.device)
+        for g in grads:
+            ok = ok * torch.isfinite(g).all().to(self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
 
 def zero3_partition(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -250,11 +345,13 @@ def zero3_partition(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return flat.narrow(0, size * dist.get_rank(), size)
 
 
-def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, source: str | None = None) -> None:
+def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, source: str | None = None,
+                          micro_batch: int | None = None, grad_accum: int | None = None) -> None:  # fmt: skip
     """Fill DeepSpeed's "auto" (or missing) fields from distrain's config, in place.
 
     A concrete value that contradicts distrain's is a ConfigError naming both (one source of
-    truth: pitfalls item 7). `source` names the user's JSON in the message.
+    truth: pitfalls item 7). `source` names the user's JSON in the message. micro_batch and
+    grad_accum are the resolved plan (what data.batch_size=auto chose); None: as configured.
     """
     where = f"DeepSpeed config {source}" if source and source != "none" else "DeepSpeed config"
     for block, keys in (("optimizer", "optim.*"), ("scheduler", "sched.*")):
@@ -262,17 +359,24 @@ def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, sour
             raise ConfigError(
                 f"{where} has an '{block}' block; distrain builds the {block} from {keys}: remove the block"
             )
-    micro, accum = int(cfg.data.batch_size), cfg.train.grad_accum
-    wanted: list[tuple[str, Any, str, Any]] = [
-        ("train_micro_batch_size_per_gpu", micro, "data.batch_size", micro),
-        ("gradient_accumulation_steps", accum, "train.grad_accum", accum),
-        ("train_batch_size", micro * accum * world_size, "data.batch_size x train.grad_accum x processes",
-         micro * accum * world_size),
-        ("gradient_clipping", cfg.train.clip_norm, "train.clip_norm", cfg.train.clip_norm),
-        ("bf16.enabled", cfg.precision == "bf16", "precision", cfg.precision),
-        ("fp16.enabled", cfg.precision == "fp16", "precision", cfg.precision),
+    auto = cfg.data.batch_size == "auto"
+    if micro_batch is None and auto:
+        raise ValueError("data.batch_size=auto: pass the micro-batch and accumulation distrain chose")
+    micro = int(cfg.data.batch_size) if micro_batch is None else int(micro_batch)
+    accum = cfg.train.grad_accum if grad_accum is None else int(grad_accum)
+    chose = " (chosen by data.batch_size=auto)" if auto else ""
+    # (DeepSpeed key, value, what distrain has, the setting to change instead)
+    wanted: list[tuple[str, Any, str, str]] = [
+        ("train_micro_batch_size_per_gpu", micro, f"micro-batch {micro}{chose}" if auto else f"data.batch_size={micro}",
+         "data.batch_size"),
+        ("gradient_accumulation_steps", accum, f"train.grad_accum={accum!r}{chose}", "train.grad_accum"),
+        ("train_batch_size", micro * accum * world_size,
+         f"data.batch_size x train.grad_accum x processes={micro * accum * world_size}{chose}", "data.batch_size"),
+        ("gradient_clipping", cfg.train.clip_norm, f"train.clip_norm={cfg.train.clip_norm!r}", "train.clip_norm"),
+        ("bf16.enabled", cfg.precision == "bf16", f"precision={cfg.precision!r}", "precision"),
+        ("fp16.enabled", cfg.precision == "fp16", f"precision={cfg.precision!r}", "precision"),
     ]  # fmt: skip
-    for key, value, theirs, shown in wanted:
+    for key, value, has, setting in wanted:
         node, leaf = ds, key
         if "." in key:
             head, leaf = key.split(".")
@@ -282,8 +386,8 @@ def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, sour
             node[leaf] = value
         elif _differs(current, value):
             raise ConfigError(
-                f"{where} sets {key}={current!r} but distrain has {theirs}={shown!r}; "
-                f'set {key} to "auto" (distrain fills it) or change {theirs}'
+                f"{where} sets {key}={current!r} but distrain has {has}; "
+                f'set {key} to "auto" (distrain fills it) or change {setting}'
             )
     if ds["gradient_clipping"] == 0:
         ds["gradient_clipping"] = 0.0  # DeepSpeed: 0 disables clipping, as train.clip_norm=0 does
