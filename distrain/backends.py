@@ -236,30 +236,8 @@ class Backend:
         """Clip the (unscaled) gradients to max_norm (0: only measure); the global norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
-    # Superseded by step(); kept until the trainer calls step().
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip to max_norm (0: only measure) and return the global norm before clipping."""
-        if self.accelerator.scaler is not None:
-            self.accelerator.unscale_gradients()
-        return self.clip_grads(model, max_norm)
-
-    def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float, loss_finite: bool) -> tuple[Any, bool]:
-        """Clip, then step unless the loss or the gradient is non-finite: (pre-clip norm, applied)."""
-        grad_norm = self.clip_grad_norm(model, clip_norm)
-        # under fp16 an overflowing norm is the grad scaler's business
-        if not loss_finite or (self.cfg.precision != "fp16" and not math.isfinite(float(grad_norm))):
-            optimizer.zero_grad(set_to_none=True)
-            return grad_norm, False
-        return grad_norm, self.optimizer_step(optimizer)
-
     def after_forward_only(self, model: torch.nn.Module) -> None:
         """After forwards without a backward (evaluation): put the model back as training holds it."""
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step and zero the grads; False when the grad scaler skipped the step (fp16 overflow)."""
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return self.accelerator.scaler is None or not self.accelerator.optimizer_step_was_skipped
 
     # -- weights
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -130,6 +130,11 @@ class Config:
     output_dir: str | None = opt(None, "run directory; unset means runs/<recipe>/<timestamp>")
     precision: Literal["no", "fp16", "bf16"] = opt("no", "mixed precision (fp16 uses loss scaling)")
     resume: str | None = opt(None, "auto (newest complete checkpoint in output_dir) or a checkpoint path")
+    resume_allow: list[str] = opt(
+        [],
+        "keys or sections that may differ from the checkpoint's on resume although they change the data order "
+        "or what a step means, e.g. [train.seed, model]; global_batch allows another global batch",
+    )
     print_config: bool = opt(False, "print the resolved config with types, defaults and help, then exit")
     train: TrainConfig = opt(TrainConfig(), "training loop")
     optim: OptimConfig = opt(OptimConfig(), "optimizer")
@@ -381,7 +386,19 @@ def validate(cfg: Config) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+    _check_resume_allow(cfg)
     _check_paths(cfg)
+
+
+def _check_resume_allow(cfg: Config) -> None:
+    """Each resume_allow entry names a key, a section or global_batch: a typo would allow nothing."""
+    keys = all_keys(cfg)
+    valid = {*keys, *(k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)), "global_batch"}
+    for entry in cfg.resume_allow:
+        if entry not in valid:
+            close = difflib.get_close_matches(entry, sorted(valid), n=1, cutoff=0.5)
+            hint = f"; closest: {close[0]}" if close else ""
+            raise ConfigError(f"resume_allow entry {entry!r} is not a key, a section or global_batch{hint}")
 
 
 def _check_paths(obj: Any, prefix: str = "") -> None:

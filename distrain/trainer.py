@@ -47,6 +47,7 @@ from distrain.metrics import (
 )
 from distrain.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.recipe import Recipe, StepOutput
+from distrain.resume_check import Decision
 from distrain.rng import seed_step
 from distrain.signals import InterruptFlag
 from distrain.throughput import count_flops, mfu, peak_flops
@@ -177,7 +178,8 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.plan.steps_per_epoch
 
         model = recipe.build_model(cfg)
-        self.backend: Backend = select_backend(self.accelerator, cfg, recipe.shard_blocks)
+        self.backend: Backend = select_backend(self.accelerator, cfg, recipe.shard_blocks,
+                                               micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum)
         model = self.backend.shard(model)
         self.lr = effective_lr(cfg.optim, self.plan.global_batch)
         optimizer = build_optimizer(model, cfg.optim, self.lr)
@@ -203,6 +205,7 @@ class Trainer:
         self.on_eval: list[Any] = []  # callables (step, val_metrics) run after every evaluation
         self.run_dir = self._make_run_dir()
         self._last_saved_step = -1
+        self.resume_notes: list[Decision] = []  # each setting that differs from the checkpoint's, and its verdict
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
         try:
             self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
@@ -217,6 +220,9 @@ class Trainer:
             log.info("resumed from %s at step %d (epoch %d, %d samples in); segment %d of this run",
                      self.resumed_from, self.state.step, self.state.epoch, self.state.consumed,
                      self.state.segments)  # fmt: skip
+            if self.rank == 0:  # one copy: the other ranks' consoles show warnings too
+                for note in self.resume_notes:
+                    log.log(note.level, "%s", note)
             if self.rank == 0:
                 moved = supersede_rows(self.run_dir, self.state.step, str(self.resumed_from), self.state.segments)
                 if moved:

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from distrain import resume_check
 from distrain.checkpoint import (
     CKPT_DIR,
     STATE,
@@ -74,9 +75,8 @@ def resume(trainer: Any) -> Path | None:
     """
     import dataclasses
 
-    from distrain.config import to_plain
-
     cfg = trainer.cfg
+    config_groups = resume_check.config_hyperparameters(trainer.scheduler)  # before a checkpoint overwrites them
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
     tried: list[str] = []  # checkpoints whose checksums failed while loading them
@@ -110,6 +110,8 @@ def resume(trainer: Any) -> Path | None:
             if trainer.rank == 0:
                 log.warning("skipping checkpoint: %s", e)
             tried.append(path.name)
+    # Changed settings: refused ones raise ConfigError here; the Trainer logs the decisions once train.log exists.
+    trainer.resume_notes = resume_check.check(cfg, path, state, trainer.plan, trainer.lr)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
     if state["train_state"].get("best_step") == state["train_state"].get("step"):
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
@@ -118,6 +120,7 @@ def resume(trainer: Any) -> Path | None:
     trainer.state = type(trainer.state)(**{k: v for k, v in state["train_state"].items() if k in fields})
     sched = trainer.scheduler
     sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
+    resume_check.reapply_hyperparameters(sched, config_groups)  # this config's lr, weight decay, betas, base lrs
     # The schedule is a pure function of the step: recompute the lr from the (maybe longer) new
     # schedule, the same expression LambdaLR uses, so an unchanged config gives identical values.
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
@@ -127,8 +130,6 @@ def resume(trainer: Any) -> Path | None:
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     # No RNG state to restore: every random stream is a function of (seed, rank, step) (distrain.rng).
-    if state.get("config_hash") != config_hash(to_plain(cfg)):
-        log.warning("resuming %s with changed settings (besides max_steps/logging/checkpointing)", path)
     trainer._last_saved_step = trainer.state.step if path.name.startswith("step_") else -1
     return path
 

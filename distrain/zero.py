@@ -101,17 +101,6 @@ class DeepSpeedBackend(Backend):
         applied = not withheld and bool(self.engine.was_step_applied())
         return torch.as_tensor(float("nan") if norm is None else float(norm)), applied
 
-    # Superseded by step(); kept until the trainer calls step().
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        """The engine clips (gradient_clipping = train.clip_norm) and steps here; returns the pre-clip norm."""
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        optimizer.step()  # accelerate's wrapper: a no-op that tells the LR schedule a step happened
-        return bool(self.engine.was_step_applied())
-
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
 
