@@ -66,6 +66,8 @@ def run_main(argv: list[str]) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # found while training: a metric name, a failed checkpoint write
+        return error(str(e))
     return leave_process_group(int(summary.get("exit_code", 0)))
 
 

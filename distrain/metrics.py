@@ -5,12 +5,14 @@ Only rank 0 writes files and shows the bar; other ranks log warnings and errors 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,31 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
+@contextlib.contextmanager
+def held_records() -> Iterator[list[logging.LogRecord]]:
+    """Keep what distrain logs before the run dir may be written to (the resume decides that), for
+    setup_logging to put into train.log; warnings still reach stderr at once."""
+    logger = logging.getLogger("distrain")
+    records: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            if record.levelno >= logging.WARNING:
+                print(f"{record.levelname} {record.getMessage()}", file=sys.stderr)
+
+    handler, level = Hold(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def setup_logging(rank: int, run_dir: Path | None, earlier: list[logging.LogRecord] = ()) -> logging.Logger:
+    """Console (rank 0; warnings from every rank) and train.log (rank 0), which starts with `earlier`."""
     logger = logging.getLogger("distrain")
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
@@ -51,6 +77,9 @@ def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
     if run_dir is not None and rank == 0:
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        for record in earlier:
+            record.rank = rank
+            file_handler.handle(record)
         logger.addHandler(file_handler)
     return logger
 

@@ -38,6 +38,7 @@ from distrain.data import (
 from distrain.metrics import (
     SUPERSEDED,
     MetricsLogger,
+    held_records,
     init_trackers,
     peak_memory_mb,
     setup_logging,
@@ -208,13 +209,14 @@ class Trainer:
         self.resume_notes: list[Decision] = []  # each setting that differs from the checkpoint's, and its verdict
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
         try:
-            self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
+            with held_records() as resume_log:
+                self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
         except ConfigError:
             if self.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # created just above: a refused resume leaves nothing behind
             raise
         self._write_config()
-        setup_logging(self.rank, self.run_dir)
+        setup_logging(self.rank, self.run_dir, resume_log)
         if self.resumed_from is not None:
             self.state.segments += 1
             log.info("resumed from %s at step %d (epoch %d, %d samples in); segment %d of this run",
