@@ -19,10 +19,11 @@ from distrain.checkpoint import (
     BLOCKS,
     INDEX,
     CheckpointError,
+    agree_failed,
     block_size,
-    collective_device,
     describe_fault,
     hashed_while_loading,
+    plain_name,
     read_json,
     recorded_files,
     shard_name,
@@ -49,6 +50,8 @@ class _Reader:
 
     def _file(self, fname: str) -> ShardFile:
         if fname not in self._files:
+            if not plain_name(fname):  # verify refuses these too; an index read without it must not reach out
+                raise CheckpointError(f"checkpoint {self.path}: a piece names {fname!r}, not a file of the folder")
             try:
                 self._files[fname] = ShardFile(self.path / fname)
             except ShardFileError as e:
@@ -202,36 +205,42 @@ class ChecksumError(CheckpointError):
 
 
 def load_verified(path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
-                  index: dict[str, Any], rank: int = 0, world: int = 1,
+                  index: dict[str, Any], rank: int = 0, world: int = 1, verified: bool = False,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:  # fmt: skip
-    """load_states, with the checksums checked on the way when checkpoint.hashed_while_loading
-    (a checkpoint of this world size, 64 MB or more; verify(defer_same_world=True) left them for
-    here): each rank hashes its own shard while it copies from it, so each byte is read once, not
-    twice (~20% faster at 600 MB a rank). All ranks agree on the verdict (one all-reduce); a bad
-    file raises ChecksumError on every rank after the live state has been partly overwritten,
-    so the caller must load another checkpoint or stop. Otherwise the checksums were verified
-    before (verify) and this is load_states.
+    """load_states on every rank, with one verdict for all: a failure on any rank (a bad shard
+    header only it reads, an OSError) raises CheckpointError on every rank, after the live
+    state has been partly overwritten, so the caller must load another checkpoint or stop.
+
+    When checkpoint.hashed_while_loading (a checkpoint of this world size, 64 MB or more;
+    verify(defer_same_world=True) left the shard checksums for here) and not `verified` (all
+    checksums checked before), each rank hashes its own shard while it copies from it, so each
+    byte is read once, not twice (~20% faster at 600 MB a rank); a mismatch raises ChecksumError
+    on every rank. One all-reduce when world > 1.
     """
-    files = recorded_files(path)
-    if not hashed_while_loading(index, files, world):
-        return load_states(path, model_state, optim_state, index)
-    own = shard_name(rank)
-    deferred: dict[str, torch.Tensor] = {}  # tensors of this rank's shard copied during its hash pass
-    values = load_states(path, model_state, optim_state, index, defer=(own, deferred))
+    error, bad_bytes = "", False
+    values: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None
     try:
-        ok = _copy_and_hash(ShardFile(path / own), deferred, files[own]["xxh3_128"])
-        error = "" if ok else f"checkpoint file {path / own} fails its checksum (corrupted)"
+        files = recorded_files(path)
+        if verified or not hashed_while_loading(index, files, world):
+            values = load_states(path, model_state, optim_state, index)
+        else:
+            own = shard_name(rank)
+            deferred: dict[str, torch.Tensor] = {}  # tensors of this rank's shard copied during its hash pass
+            values = load_states(path, model_state, optim_state, index, defer=(own, deferred))
+            if not _copy_and_hash(ShardFile(path / own), deferred, files[own]["xxh3_128"]):
+                error, bad_bytes = f"checkpoint file {path / own} fails its checksum (corrupted)", True
     except ShardFileError as e:
         error = f"checkpoint file {e}"
-    except (CheckpointError, KeyError) as e:  # kept for the verdict: the other ranks wait in it
-        error = f"checkpoint {path}: {e}"
-    failed = bool(error)
-    if world > 1 and torch.distributed.is_initialized():
-        verdict = torch.tensor([failed], dtype=torch.int64, device=collective_device())
-        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
-        failed = bool(verdict.item())
-    if failed:
-        raise ChecksumError(error or describe_fault(path))  # another rank's shard: named from here too
+    except CheckpointError as e:
+        error = str(e)
+    except Exception as e:  # kept for the verdict: the other ranks wait in it
+        error = f"checkpoint {path} could not be loaded: {type(e).__name__}: {e}"
+    if agree_failed(bool(error), world):
+        if not error:  # another rank's fault: named from here too if verification finds it
+            error = describe_fault(path, "failed to load on another rank (see its error)")
+            bad_bytes = "checksum" in error
+        raise (ChecksumError if bad_bytes else CheckpointError)(error)
+    assert values is not None
     return values
 
 

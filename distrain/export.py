@@ -5,7 +5,8 @@
 writes `model.safetensors` (or `model-00001-of-0000N.safetensors` shards of at most
 --max-shard-size plus `model.safetensors.index.json`, the Hugging Face layout) and the run's
 `config.yaml`. Works from any distrain checkpoint (single, DDP, FSDP2, DeepSpeed ZeRO): the
-pieces are reassembled on CPU without a process group.
+pieces are reassembled on CPU without a process group. Only files of those names are replaced
+in --out; it must lie outside the run dir and checkpoint exported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from distrain.config import Config, ConfigError, apply_dict
 from distrain.weights import save_text, save_weights
 
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what _export names its shards
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -55,15 +57,35 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 
 def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None) -> Path:
     """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`."""
-    return _export(*checkpoint.resolve(source), out, max_shard_size)  # resolve verifies the checksums
+    return _export(*checkpoint.resolve(source), out, max_shard_size, source)  # resolve verifies the checksums
 
 
-def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard_size: int | None) -> Path:
-    state = checkpoint_load.full_model_state(ckpt, index)
+def check_out(out: Path, source: str | os.PathLike, ckpt: Path) -> None:
+    """Refuse an --out that is a file, or the input or inside it (the run dir, its checkpoints,
+    the checkpoint folder): writing there would replace the run's own model.safetensors or
+    change a checkpoint's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file; give a folder")
+    inputs = [Path(source), ckpt]
+    if ckpt.parent.name == checkpoint.CKPT_DIR:
+        inputs.append(ckpt.parent.parent)  # the run dir of the checkpoint
+    where = out.resolve()
+    for inp in inputs:
+        if where == inp.resolve() or inp.resolve() in where.parents:
+            how = "is" if where == inp.resolve() else "lies inside"
+            raise ConfigError(f"--out {out} {how} the input {inp}; export to a folder outside it")
+
+
+def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard_size: int | None,
+            source: str | os.PathLike | None = None) -> Path:  # fmt: skip
     out = Path(out)
+    check_out(out, source if source is not None else ckpt, ckpt)
+    state = checkpoint_load.full_model_state(ckpt, index)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("model*.safetensors"), out / INDEX_NAME]:  # never mix old and new files
-        old.unlink(missing_ok=True)
+    # Never mix old and new files, and never touch a file of another name (a user's model_v1.safetensors).
+    for old in out.iterdir():
+        if old.is_file() and (old.name in ("model.safetensors", INDEX_NAME) or SHARD_NAME.fullmatch(old.name)):
+            old.unlink(missing_ok=True)
     step = str(checkpoint.read_json(ckpt / checkpoint.STATE).get("step", ""))
     shards = _shards(state, max_shard_size) if max_shard_size else [state]
     if len(shards) == 1:
@@ -77,7 +99,7 @@ def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard
             total += sum(t.numel() * t.element_size() for t in shard.values())
         index = {"metadata": {"total_size": total, "step": step}, "weight_map": weight_map}
         save_text(out / INDEX_NAME, json.dumps(index, indent=1))
-    shutil.copyfile(ckpt / "config.yaml", out / "config.yaml")
+    shutil.copyfile(ckpt / checkpoint.CONFIG, out / "config.yaml")
     return out
 
 
@@ -129,7 +151,7 @@ def main(argv: list[str]) -> int:
     try:
         size = parse_size(args.max_shard_size) if args.max_shard_size else None
         ckpt, index = checkpoint.resolve(args.source)
-        out = _export(ckpt, index, args.out, size)
+        out = _export(ckpt, index, args.out, size, args.source)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

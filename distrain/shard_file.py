@@ -78,6 +78,8 @@ class ShardFile:
             header = orjson.loads(self._map[8 : 8 + header_len])  # 34 us against json's 82 for a har shard
         except orjson.JSONDecodeError as e:  # invalid UTF-8 included
             raise ShardFileError(f"{self.path}: unreadable header ({e})") from None
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+            raise ShardFileError(f"{self.path}: unreadable header (not a safetensors table of tensors)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict[str, Any]] = header
         self._data = 8 + header_len

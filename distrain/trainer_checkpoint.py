@@ -16,13 +16,14 @@ from distrain.checkpoint import (
     CheckpointError,
     choose,
     config_hash,
+    find_best,
     read_json,
     save_checkpoint,
+    set_aside_future,
     step_dirs,
-    verify,
     versions,
 )
-from distrain.checkpoint_load import ChecksumError, check_fits, load_states, load_verified
+from distrain.checkpoint_load import ChecksumError, check_fits, load_verified
 
 log = logging.getLogger("distrain")
 
@@ -79,13 +80,14 @@ def resume(trainer: Any) -> Path | None:
     config_groups = resume_check.config_hyperparameters(trainer.scheduler)  # before a checkpoint overwrites them
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
-    tried: list[str] = []  # checkpoints whose checksums failed while loading them
+    tried: list[str] = []  # checkpoints that failed while loading them
+    why = ""
     while True:
         chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried))
         if chosen is None and (tried or step_dirs(trainer.run_dir / CKPT_DIR)):
             # Starting from scratch over damaged checkpoints would silently drop the run's progress
             # (and, after a partial load, start from a state that is not the fresh one).
-            partly = f"; {tried[-1]} was partly loaded before its checksums failed" if tried else ""
+            partly = f"; {tried[-1]} was partly loaded before {why}" if tried else ""
             raise CheckpointError(f"no checkpoint in {trainer.run_dir / CKPT_DIR} verifies (see the warnings)"
                                   f"{partly}: move the damaged ones aside to start from scratch")  # fmt: skip
         if chosen is None:
@@ -95,21 +97,28 @@ def resume(trainer: Any) -> Path | None:
         state = read_json(path / STATE)
         model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
         check_fits(path, index, state, model_state, trainer.recipe.name)
-        best = _best_checkpoint(path, state)
+        best = find_best(path, state, trainer.rank, trainer.world_size)
         if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
-            best_values, _ = load_states(best, model_state, None)
-            trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
-            trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+            best_path, best_index = best
+            try:
+                best_values, _ = load_verified(best_path, model_state, None, best_index, trainer.rank,
+                                               trainer.world_size, verified=True)  # fmt: skip
+                trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
+                trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+            except CheckpointError as e:  # on every rank alike; the main load below overwrites every tensor
+                if trainer.rank == 0:
+                    log.warning("best checkpoint not usable: %s", e)
         try:
             model_values, optim_values = load_verified(path, model_state, optim_state, index, trainer.rank,
                                                        trainer.world_size)  # fmt: skip
             break
-        except ChecksumError as e:
+        except CheckpointError as e:  # on every rank alike (load_verified agrees)
             if path == Path(cfg.resume):  # the very checkpoint asked for
                 raise
             if trainer.rank == 0:
                 log.warning("skipping checkpoint: %s", e)
             tried.append(path.name)
+            why = "its checksums failed" if isinstance(e, ChecksumError) else "it failed to load"
     # Changed settings: refused ones raise ConfigError here; the Trainer logs the decisions once train.log exists.
     trainer.resume_notes = resume_check.check(cfg, path, state, trainer.plan, trainer.lr)
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
@@ -131,19 +140,6 @@ def resume(trainer: Any) -> Path | None:
         scaler.load_state_dict(state["scaler"])
     # No RNG state to restore: every random stream is a function of (seed, rank, step) (distrain.rng).
     trainer._last_saved_step = trainer.state.step if path.name.startswith("step_") else -1
+    # Last, once nothing can refuse the resume any more: a rewind continues this lineage.
+    set_aside_future(path, trainer.run_dir, trainer.rank, trainer.world_size)
     return path
-
-
-def _best_checkpoint(path: Path, state: dict[str, Any]) -> Path | None:
-    """The verified best/ checkpoint next to `path` when it holds the run's best step (not its last)."""
-    best_step = state["train_state"].get("best_step", -1)
-    best = path.parent / "best"
-    if path.name == "best" or best_step in (-1, state["train_state"].get("step")):
-        return None
-    try:
-        if read_json(best / STATE).get("step") != best_step:
-            return None
-        verify(best)
-    except CheckpointError:
-        return None
-    return best

@@ -36,11 +36,11 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_synced(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file and flush it to disk (no rename: for files inside a folder that is
-    itself renamed into place, as a checkpoint's)."""
-    with open(path, "w") as f:
-        f.write(text)
+def write_synced(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a small file (text as UTF-8, whatever the locale) and flush it to disk (no rename:
+    for files inside a folder that is itself renamed into place, as a checkpoint's)."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
 

@@ -146,7 +146,7 @@ def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_
     assert (root / "latest").read_text().strip() == ck.step_name(4)
     assert [p.name for p in ck.step_dirs(root)] == [ck.step_name(3), ck.step_name(4)]
     complete = json.loads((root / ck.step_name(4) / ck.COMPLETE).read_text())
-    assert complete["step"] == 4 and set(complete["files"]) == {ck.shard_name(0)}
+    assert complete["step"] == 4 and set(complete["files"]) == {ck.shard_name(0), *ck.TEXT_FILES}
     shard = root / ck.step_name(4) / ck.shard_name(0)
     assert complete["files"][ck.shard_name(0)]["bytes"] == shard.stat().st_size
     import xxhash  # an independent reference: each eighth of the file hashed from its bytes
