@@ -5,7 +5,7 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
     shard-<rank>.safetensors   what this rank writes: its pieces of the model state (`model.*`:
                                DTensor shards under FSDP2; replicated tensors are split between
                                ranks so all ranks write), the same for the optimizer state
-                               (`optim.*`, keyed by parameter name), and its RNG states (`rng.*`)
+                               (`optim.*`, keyed by parameter name)
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
                                optimizer param groups and scalar state
     trainer_state.json         step, epoch, samples consumed, scheduler, grad scaler, best metric,
@@ -41,7 +41,7 @@ import orjson
 import torch
 import torch.distributed as dist
 
-from distrain.checkpoint_state import dtensor_type, flatten_optim, geometry, layout, rank_tensors, rng_state
+from distrain.checkpoint_state import dtensor_type, flatten_optim, geometry, layout, rank_tensors
 from distrain.config import ConfigError
 from distrain.shard_file import write_shard
 from distrain.weights import fsync_path, write_synced
@@ -271,10 +271,8 @@ def save_checkpoint(
         optim_tensors, optim_extra = flatten_optim(optim_state)
         tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
         tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world).items()}
-        rng_tensors, rng_meta = rng_state()
-        tensors |= {f"rng.{k}": v for k, v in rng_tensors.items()}
         shard = tmp / shard_name(rank)
-        write_shard(shard, tensors, {"format": FORMAT, **{f"rng.{k}": v for k, v in rng_meta.items()}})
+        write_shard(shard, tensors, {"format": FORMAT})  # no RNG states: distrain.rng derives them from the step
         if rank == 0:  # the rank-independent files, flushed on another thread while this one flushes the shard
             tensors_json = _layout_json(model_state, optim_tensors, world)
             optim_json = json.dumps(optim_extra, default=_json_default)

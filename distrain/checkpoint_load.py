@@ -34,7 +34,6 @@ from distrain.checkpoint_state import (
     flatten_optim,
     geometry,
     local_tensor,
-    set_rng_state,
     unflatten_optim,
 )
 from distrain.shard_file import ShardFile, ShardFileError
@@ -292,20 +291,6 @@ def _copy_and_hash(shard: ShardFile, deferred: dict[str, torch.Tensor], recorded
     feed(pos, size)
     view.release()
     return [h.hexdigest() for h in hashers] == recorded
-
-
-def load_rng(path: Path, rank: int) -> bool:
-    """Restore this rank's RNG states if the checkpoint has a shard of this rank."""
-    f = path / shard_name(rank)
-    if not f.is_file():
-        return False
-    try:
-        shard = ShardFile(f)
-        tensors = {k[4:]: shard.tensor(k).clone() for k in shard.entries if k.startswith("rng.")}
-    except ShardFileError as e:
-        raise CheckpointError(f"checkpoint file {e}") from None
-    set_rng_state(tensors, {k[4:]: v for k, v in shard.metadata.items() if k.startswith("rng.")})
-    return True
 
 
 def full_model_state(path: str | os.PathLike, index: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

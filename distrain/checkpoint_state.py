@@ -1,7 +1,7 @@
 """What a checkpoint holds and who writes which part of it.
 
 The live state of a module and its optimizer (`live_states`, and `set_live_states` to put one
-back), the process's RNG states, the flat tensor/JSON split of an optimizer state, and the
+back), the flat tensor/JSON split of an optimizer state, and the
 pieces: which rank writes which part of each tensor (`rank_tensors`, on every rank) and the
 resulting map of tensor -> pieces for the index (`layout`, on rank 0). Both follow one rule: a
 DTensor's shard is written by the rank holding it (once per replica group), and a replicated
@@ -13,43 +13,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
-import random
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from distrain.shard_file import dtype_name
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This process's RNG states as tensors (+ metadata strings): torch CPU/CUDA, numpy, python."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["python"] = torch.from_numpy(np.array(internal, dtype=np.int64))  # 5x faster than torch.tensor(tuple)
-    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
-            "python": json.dumps([version, gauss_next])}  # fmt: skip
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, gauss_next = json.loads(meta["python"])
-    random.setstate((version, tuple(int(x) for x in tensors["python"].tolist()), gauss_next))
-
 
 # ---------------------------------------------------------------- flattening
 
