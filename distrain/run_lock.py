@@ -178,7 +178,10 @@ def _lock(run_dir: Path) -> tuple[_Held, dict[str, Any] | None]:
     path = run_dir / LOCK_NAME
     try:
         for _ in range(20):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:  # a read-only folder, or one of another user
+                raise ConfigError(f"output_dir={run_dir} is not writable: {path}: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -302,8 +305,7 @@ def _read_fd(fd: int) -> dict[str, Any] | None:
 def _write_fd(fd: int, record: dict[str, Any]) -> None:
     data = json.dumps(record).encode()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)
+    os.pwrite(fd, data, 0)  # no fsync: the kernel's lock is what counts, the record only names the holder
 
 
 def _read_record(path: Path, wait: bool = False) -> dict[str, Any] | None:
@@ -328,12 +330,19 @@ def _parse(data: bytes) -> dict[str, Any] | None:
 
 
 def _make_dirs(run_dir: Path) -> list[Path]:
+    """Create run_dir and its missing parents; the ones created, outermost first."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir={run_dir} is a file; give a folder")
     missing = []
     p = run_dir
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(list(reversed(missing)))
+        raise ConfigError(f"output_dir={run_dir} cannot be created: {e.strerror or e}") from None
     return list(reversed(missing))
 
 

@@ -36,7 +36,7 @@ HOST = socket.gethostname()
 HOLDER = textwrap.dedent(f"""
     import os, sys, types
     pkg = types.ModuleType("distrain"); pkg.__path__ = [{str(REPO / "distrain")!r}]; sys.modules["distrain"] = pkg
-    from distrain import checkpoint, run_lock
+    from distrain import run_lock
     try:
         lock = run_lock.acquire(sys.argv[1])
     except run_lock.RunDirBusy as e:
@@ -180,6 +180,20 @@ def _other_process_acquires(run: Path, monkeypatch) -> None:
         m.setattr(run_lock, "_registry", {})
         m.setattr(os, "getpid", lambda: pid)
         run_lock.acquire(run)
+
+
+def test_a_file_or_read_only_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_lock.acquire(tmp_path / "file")
+    with pytest.raises(ConfigError, match="cannot be created"):
+        run_lock.acquire(tmp_path / "file" / "run")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match="not writable"):
+            run_lock.acquire(ro)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", *(["ro"] if os.geteuid() != 0 else [])]
 
 
 # ---------------------------------------------------------------- fresh runs
