@@ -117,19 +117,21 @@ def load_weights_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return checkpoint_load.full_model_state(*checkpoint.resolve(path))
 
 
-def load_model(path: str | os.PathLike) -> torch.nn.Module:
+def load_model(path: str | os.PathLike, trust_recipe: bool = False) -> torch.nn.Module:
     """The recipe's model, built from `<path>/config.yaml`, with the exported (or checkpointed) weights.
 
     On CPU, in eval mode, with no process group. `path` is an export folder, a checkpoint
-    folder or a run dir.
+    folder or a run dir. A config naming a recipe file outside recipes/ is refused (ConfigError)
+    unless `trust_recipe=True`: importing that file runs its code.
     """
-    from distrain.recipe import load_recipe
+    from distrain.recipe import check_saved_recipe, load_recipe
 
     path, index = Path(path), None
     if not (path / "config.yaml").is_file():  # a run dir: its newest good checkpoint
         path, index = checkpoint.resolve(path)
     cfg_dict = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    recipe = load_recipe(str(cfg_dict.pop("recipe", "")))
+    name = str(cfg_dict.pop("recipe", ""))
+    recipe = load_recipe(check_saved_recipe(name, path / "config.yaml", trust_recipe, "trust_recipe=True"))
     cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
     apply_dict(cfg, cfg_dict)
     model = recipe.build_model(cfg)
@@ -142,15 +144,31 @@ def load_model(path: str | os.PathLike) -> torch.nn.Module:
     return model.eval()
 
 
+def _check_recipe(ckpt: Path, trust: bool) -> None:
+    """Refuse (before writing anything) a checkpoint whose config names an untrusted recipe file."""
+    from distrain.recipe import check_saved_recipe
+
+    try:
+        cfg_dict = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # the export copies config.yaml and reports a missing or damaged one itself
+    if isinstance(cfg_dict, dict):
+        check_saved_recipe(str(cfg_dict.get("recipe", "")), ckpt / "config.yaml", trust, "--trust-recipe")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="distrain export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run dir (its newest complete checkpoint) or a checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for model.safetensors (+ index) and config.yaml")
     parser.add_argument("--max-shard-size", default=None, help="split into shards of at most this size, e.g. 2GB")
+    parser.add_argument("--trust-recipe", action="store_true",
+                        help="the run's config names a recipe file outside recipes/ (code that loading the model "
+                             "runs): export it anyway")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.max_shard_size) if args.max_shard_size else None
         ckpt, index = checkpoint.resolve(args.source)
+        _check_recipe(ckpt, args.trust_recipe)
         out = _export(ckpt, index, args.out, size, args.source)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

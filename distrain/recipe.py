@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def _first_docstring_line(path: Path) -> str:
 
 
 def resolve_recipe_path(name: str) -> Path:
-    if name.endswith(".py") or "/" in name or "\\" in name:
+    if _names_a_file(name):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ConfigError(f"recipe={name} does not exist; give a recipe name or an existing .py file")
@@ -122,6 +123,35 @@ def resolve_recipe_path(name: str) -> Path:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown recipe={name!r}{hint}; available: {', '.join(names)} or a path to a .py file")
     return path
+
+
+def _names_a_file(name: str) -> bool:
+    return name.endswith(".py") or "/" in name or "\\" in name
+
+
+def is_builtin_recipe(name: str) -> bool:
+    """Whether `name` is a recipe shipped in recipes/: its name, or a path to that very file."""
+    if not _names_a_file(name):
+        return True  # a plain name resolves only in recipes/ (or is unknown there)
+    try:
+        path = Path(name).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return path.parent == RECIPES_DIR.resolve() and path.is_file()
+
+
+def check_saved_recipe(name: str, config_path: str | os.PathLike, trust: bool, flag: str) -> str:
+    """`name`, the recipe a saved folder's config.yaml names, when loading it runs no foreign code.
+
+    A folder received from someone else may name any .py file as its recipe, and importing it
+    runs that file: only built-in recipes load unless the caller trusts the folder (`flag`).
+    """
+    if trust or is_builtin_recipe(name):
+        return name
+    raise ConfigError(
+        f"{config_path} names recipe={name}, a file outside distrain's built-in recipes, and loading it runs "
+        f"its code: pass {flag} if you trust that file"
+    )
 
 
 def load_recipe(name: str) -> Recipe:

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "slurm"
 LAUNCH_CONFIGS = REPO / "launch_configs"
 RUN_PY = REPO / "distrain" / "run.py"
+ENV_MASK = REPO / "distrain" / "env_mask.py"  # prints the job's environment with secrets masked
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME = re.compile(r"^(\d+-\d{1,2}(:[0-5]?\d){0,2}|\d+(:[0-5]?\d){0,2})$")
@@ -137,6 +138,7 @@ def _common_values(opts: SlurmOptions, job_name: str, n_tasks: int) -> dict[str,
         "workdir": _plain_path(Path.cwd().resolve(), "the working directory"),
         "python": shlex.quote(sys.executable),
         "bin": shlex.quote(str(Path(sys.executable).parent)),
+        "env_mask": shlex.quote(str(ENV_MASK)),
         "n_tasks": str(n_tasks),
     }
 

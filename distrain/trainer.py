@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from distrain import checkpoint, trainer_checkpoint
+from distrain import checkpoint, run_lock, trainer_checkpoint
 from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
 from distrain.config import Config, ConfigError, to_plain
 from distrain.data import (
@@ -212,6 +212,7 @@ class Trainer:
             with held_records() as resume_log:
                 self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
         except ConfigError:
+            self.release_run_dir()  # removes the lock file, and the run dir if this run created it and it is empty
             if self.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # created just above: a refused resume leaves nothing behind
             raise
@@ -237,14 +238,26 @@ class Trainer:
         """Rank 0 picks the directory (a timestamp could differ between ranks) and creates it."""
         from accelerate.utils import broadcast_object_list
 
-        chosen = [str(new_run_dir(self.cfg)) if self.rank == 0 else None]
+        chosen: list[str | None] = [None, None]  # the run dir, and rank 0's refusal to use it
+        self._run_lock: run_lock.RunLock | None = None
+        if self.rank == 0:
+            chosen[0] = str(new_run_dir(self.cfg))
+            try:  # one training per folder, and no fresh run over a finished one: before anything is written
+                self._run_lock = run_lock.take(chosen[0], self.cfg.resume)
+            except ConfigError as e:
+                chosen[1] = str(e)
         if self.world_size > 1:
             broadcast_object_list(chosen, from_process=0)
-        run_dir = Path(chosen[0])  # type: ignore[arg-type]
-        if self.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if chosen[1]:
+            raise ConfigError(chosen[1])  # on every rank, so none waits for the others
         self.accelerator.wait_for_everyone()
-        return run_dir
+        return Path(chosen[0])  # type: ignore[arg-type]
+
+    def release_run_dir(self) -> None:
+        """Let another run use the run dir (also done at process exit)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     def _write_config(self) -> None:
         if self.rank == 0:
@@ -561,6 +574,7 @@ class Trainer:
         if exit_code:
             self._close_trackers()
             self.accelerator.wait_for_everyone()
+            self.release_run_dir()
             return {"exit_code": exit_code, "step": s.step}
         test_metrics: dict[str, Any] = {}
         if self.best_weights is not None and s.best_step != s.step:
@@ -599,6 +613,7 @@ class Trainer:
             write_json(self.run_dir / "summary.json", summary)
             log.info("done in %.1f s; summary in %s", wall, self.run_dir / "summary.json")
         self._close_trackers()
+        self.release_run_dir()
         return summary
 
     def _close_trackers(self) -> None:
