@@ -109,8 +109,10 @@ def _json_safe(value: Any) -> Any:
 class MetricsLogger:
     """metrics.jsonl rows, tracker logs and the tqdm bar, all on rank 0."""
 
-    def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, progress: bool,
+                 rows: int = 0):  # fmt: skip
         self.accelerator = accelerator
+        self.rows = rows  # lines in metrics.jsonl: a checkpoint records it, so a resume knows which are its own
         self.is_main = accelerator.is_main_process
         self.bar = None
         self.file = None
@@ -126,6 +128,7 @@ class MetricsLogger:
             return
         assert self.file is not None
         self.file.write(json.dumps(_json_safe(row)) + "\n")
+        self.rows += 1
         if self.accelerator.trackers:
             self.accelerator.log(scalars(row), step=step)
 
@@ -145,30 +148,24 @@ class MetricsLogger:
 SUPERSEDED = "metrics.superseded.jsonl"
 
 
-def supersede_rows(run_dir: Path, step: int, resumed_from: str, segment: int) -> int:
-    """At a resume from `step`: move metrics.jsonl's rows of later steps (written by the interrupted
-    segment after its last checkpoint, and about to be written again) to metrics.superseded.jsonl,
-    and mark the resume with an event row. Returns how many rows moved."""
+def supersede_rows(run_dir: Path, keep: int, marker: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Keep the first `keep` rows of metrics.jsonl, the ones the state being continued had written
+    (0 for a start from scratch), and move the rest (rows a killed segment wrote after its last
+    checkpoint, about to be written again) to metrics.superseded.jsonl; then append `marker`.
+    Returns (rows now in metrics.jsonl, rows moved)."""
     path = run_dir / "metrics.jsonl"
-    kept, moved = [], []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if not line.strip():
-            continue
-        try:
-            row_step = json.loads(line).get("step", -1)
-        except (json.JSONDecodeError, AttributeError):
-            row_step = -1  # a torn last line of a killed process: not part of the lineage
-            moved.append(line)
-            continue
-        (moved if isinstance(row_step, int) and row_step > step else kept).append(line)
-    kept.append(json.dumps({"event": "resume", "step": step, "from": resumed_from, "segment": segment}))
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    kept, moved = lines[:keep], lines[keep:]
+    if marker is not None:
+        kept.append(json.dumps(marker))
     if moved:
         with open(run_dir / SUPERSEDED, "a") as f:
             f.write("".join(line + "\n" for line in moved))
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    return len(moved)
+    if moved or marker is not None:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(kept), len(moved)
 
 
 def write_json(path: Path, data: Any) -> None:

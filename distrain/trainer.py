@@ -82,6 +82,7 @@ class TrainState:
     skipped_steps: int = 0
     stopped_early: bool = False
     last_eval_step: int = -1  # so a resume neither repeats an evaluation nor loses one
+    rows_logged: int = 0  # metrics.jsonl lines written up to this state (rank 0's count)
     elapsed: float = 0.0  # seconds of training in this lineage up to this state, over all resumed segments
     segments: int = 1  # processes this lineage ran in (1 + resumes)
 
@@ -220,17 +221,14 @@ class Trainer:
         setup_logging(self.rank, self.run_dir, resume_log)
         if self.resumed_from is not None:
             self.state.segments += 1
+        self._own_rows()
+        if self.resumed_from is not None:
             log.info("resumed from %s at step %d (epoch %d, %d samples in); segment %d of this run",
                      self.resumed_from, self.state.step, self.state.epoch, self.state.consumed,
                      self.state.segments)  # fmt: skip
             if self.rank == 0:  # one copy: the other ranks' consoles show warnings too
                 for note in self.resume_notes:
                     log.log(note.level, "%s", note)
-            if self.rank == 0:
-                moved = supersede_rows(self.run_dir, self.state.step, str(self.resumed_from), self.state.segments)
-                if moved:
-                    log.info("%d metrics.jsonl rows after step %d (the interrupted segment's) moved to %s",
-                             moved, self.state.step, SUPERSEDED)  # fmt: skip
 
     # ------------------------------------------------------------------ setup
 
@@ -259,6 +257,20 @@ class Trainer:
             self._run_lock.release()
             self._run_lock = None
 
+    def _own_rows(self) -> None:
+        """metrics.jsonl keeps the rows of the state this run continues (those its checkpoint counted
+        when it came from this run dir; none for a start from scratch) and marks a resume; rows a
+        killed segment wrote later go to metrics.superseded.jsonl, so each step appears once."""
+        s, came_from = self.state, self.resumed_from
+        own = came_from is not None and came_from.parent.parent.resolve() == self.run_dir.resolve()
+        marker = None if came_from is None else {"event": "resume", "step": s.step, "from": str(came_from),
+                                                  "segment": s.segments}  # fmt: skip
+        if self.rank == 0:
+            s.rows_logged, moved = supersede_rows(self.run_dir, s.rows_logged if own else 0, marker)
+            if moved:
+                log.info("%d metrics.jsonl rows of an interrupted segment (after the state continued here) moved "
+                         "to %s", moved, SUPERSEDED)  # fmt: skip
+
     def _write_config(self) -> None:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
@@ -272,6 +284,7 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         self.state.elapsed = self._elapsed()  # rank 0's clock is the one summary.json reports
+        self.state.rows_logged = self._logger.rows
         trainer_checkpoint.save(self, name)
 
     def plan_text(self) -> str:
@@ -431,7 +444,9 @@ class Trainer:
         if self.rank == 0:
             log.info(self.plan_text())
         init_trackers(self.accelerator, cfg, self.run_dir)
-        logger = MetricsLogger(self.accelerator, self.run_dir, self.total_steps, s.step, cfg.log.progress)
+        logger = MetricsLogger(self.accelerator, self.run_dir, self.total_steps, s.step, cfg.log.progress,
+                               s.rows_logged)  # fmt: skip
+        self._logger = logger
         self.interrupt.install()
         self._start = time.perf_counter() - s.elapsed  # the lineage's clock: earlier segments count
         exit_code = 0
