@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from crash_harness import SETUPS, random_kills, reference, run_kills
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # through the harness's clean-up: no run outlives the script
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=100, help="kill points in all (split over the backends)")
     p.add_argument("--backends", default="single,ddp,fsdp2", help="comma-separated: single, ddp, fsdp2")

@@ -228,19 +228,19 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
         out.flush()
         proc = subprocess.Popen(command(setup, args, free_port()), cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        seen: list[Any] = []  # every process of the run, so none outlives its segment
+        procs = Procs(proc)
         try:
             if kill is not None and kill.kind != "crash":
-                _wait_rows(proc, metrics, n_lines, n_events, kill.rows, t0 + timeout, seen)
+                _wait_rows(procs, metrics, n_lines, n_events, kill.rows, t0 + timeout)
                 if proc.poll() is None:
                     time.sleep(kill.delay)
-                    _deliver(proc, setup, kill, seen)
+                    _deliver(procs, setup, kill)
             while proc.poll() is None and time.perf_counter() < t0 + timeout:
-                _descendants(proc, seen)
+                procs.scan(every=0.5)
                 time.sleep(0.05)
             rc = proc.poll()  # None: hung
         finally:
-            _kill_all(proc, seen)
+            _kill_all(procs)
     lines = read_lines(metrics)
     events = sum('"event"' in x for x in lines)
     if events > n_events:  # resumed from a checkpoint: its rows follow its resume event
@@ -261,35 +261,48 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
                    wall=time.perf_counter() - t0, output=output)  # fmt: skip
 
 
-def _descendants(proc: subprocess.Popen, seen: list[Any]) -> None:
-    import psutil
+class Procs:
+    """Every process of a run seen alive, so that none outlives its segment."""
 
-    with contextlib.suppress(psutil.Error):
-        known = {p.pid for p in seen}
-        seen += [c for c in psutil.Process(proc.pid).children(recursive=True) if c.pid not in known]
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.seen: list[Any] = []  # psutil.Process objects
+        self.last = 0.0
+
+    def scan(self, every: float = 0.0) -> None:
+        """Add the launcher's descendants; with `every`, at most that often (a scan of /proc costs
+        ~3 ms, which polling every few ms must not spend on a 2-core machine)."""
+        import psutil
+
+        now = time.perf_counter()
+        if now - self.last < every:
+            return
+        self.last = now
+        with contextlib.suppress(psutil.Error):
+            known = {p.pid for p in self.seen}
+            self.seen += [c for c in psutil.Process(self.proc.pid).children(recursive=True) if c.pid not in known]
 
 
-def _kill_all(proc: subprocess.Popen, seen: list[Any]) -> None:
+def _kill_all(procs: Procs) -> None:
     """SIGKILL the launcher, its process group and every process of the run seen alive (the
     launcher starts the ranks in sessions of their own, so killing its group misses them)."""
     import psutil
 
-    if proc.poll() is None:
-        _descendants(proc, seen)
+    if procs.proc.poll() is None:
+        procs.scan()
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in seen:
+        os.killpg(procs.proc.pid, signal.SIGKILL)
+    for p in procs.seen:
         with contextlib.suppress(psutil.Error):
             if p.is_running():  # compares the start time too: never a recycled pid
                 p.kill()
-    proc.wait()
+    procs.proc.wait()
 
 
-def _wait_rows(proc: subprocess.Popen, metrics: Path, n_lines: int, n_events: int, rows: int,
-               deadline: float, seen: list[Any]) -> None:  # fmt: skip
+def _wait_rows(procs: Procs, metrics: Path, n_lines: int, n_events: int, rows: int, deadline: float) -> None:
     """Until the segment has written `rows` training rows (or ended)."""
-    while proc.poll() is None and time.perf_counter() < deadline:
-        _descendants(proc, seen)
+    while procs.proc.poll() is None and time.perf_counter() < deadline:
+        procs.scan(every=0.5)
         lines = read_lines(metrics)
         events = [i for i, x in enumerate(lines) if '"event"' in x]
         mine = lines[events[-1] + 1 :] if len(events) > n_events else lines[n_lines:]
@@ -298,14 +311,15 @@ def _wait_rows(proc: subprocess.Popen, metrics: Path, n_lines: int, n_events: in
         time.sleep(0.002)
 
 
-def _deliver(proc: subprocess.Popen, setup: Setup, kill: Kill, seen: list[Any]) -> None:
+def _deliver(procs: Procs, setup: Setup, kill: Kill) -> None:
+    proc = procs.proc
     ranks = workers(proc.pid) if setup.launch is not None else {0: proc.pid}
     try:
         if kill.kind in SIGNALS:
             for pid in ranks.values():
                 os.kill(pid, SIGNALS[kill.kind][0])
         elif kill.target == "all":
-            _kill_all(proc, seen)
+            _kill_all(procs)
         else:
             os.kill(ranks[int(kill.target[-1])], signal.SIGKILL)
     except (ProcessLookupError, KeyError):
