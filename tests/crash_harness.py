@@ -371,8 +371,10 @@ class Verdict:
         s = self.killed
         at = f" at step {s.crash_step}" if s.crash_step else ""
         what = "exact" if self.exact and not self.problems else "; ".join(self.problems)
-        return (f"[{setup} #{i}] {self.kill}{at} (segment from step {s.start}, rc {s.rc}"
-                f"{', inside a save' if s.left_tmp else ''}): {what}")
+        return (
+            f"[{setup} #{i}] {self.kill}{at} (segment from step {s.start}, rc {s.rc}"
+            f"{', inside a save' if s.left_tmp else ''}): {what}"
+        )
 
 
 def check_rows(seg: Segment, ref: Reference) -> list[str]:
