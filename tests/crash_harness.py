@@ -201,7 +201,7 @@ class Segment:
     saved: list[int]  # step checkpoints its rank 0 logged as saved
     interrupted_at: int | None  # the step a signal stopped it at (train.log)
     signal_rc: int | None  # exit code the signalled ranks reported
-    left_tmp: bool  # a .tmp-* save folder was left behind (the kill landed inside a save)
+    left_tmp: bool  # it left a .tmp-* save folder new or changed (the kill landed inside a save)
     crash_step: int | None
     wall: float
     output: str = ""
@@ -213,6 +213,7 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     metrics, log = run_dir / "metrics.jsonl", run_dir / "train.log"
     n_lines, n_events = len(read_lines(metrics)), sum('"event"' in x for x in read_lines(metrics))
     n_log = len(read_lines(log))
+    tmp_before = _tmp_dirs(run_dir)
     env = {**os.environ, **ENV}
     crash_step = None
     predicted = newest_complete(run_dir)
@@ -257,8 +258,17 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     return Segment(kill=kill, start=start, rc=rc, rows=rows, torn=torn, saved=saved,
                    interrupted_at=int(stop.group(1)) if stop else None,
                    signal_rc=int(stop.group(2)) if stop else None,
-                   left_tmp=any((run_dir / "checkpoints").glob(".tmp-*")), crash_step=crash_step,
+                   left_tmp=any(tmp_before.get(k) != v for k, v in _tmp_dirs(run_dir).items()), crash_step=crash_step,
                    wall=time.perf_counter() - t0, output=output)  # fmt: skip
+
+
+def _tmp_dirs(run_dir: Path) -> dict[str, int]:
+    """Unfinished save folders and their mtimes: one new or changed after a kill was being written."""
+    out = {}
+    for p in (run_dir / "checkpoints").glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            out[p.name] = p.stat().st_mtime_ns
+    return out
 
 
 class Procs:
