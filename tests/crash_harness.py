@@ -246,12 +246,13 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     events = sum('"event"' in x for x in lines)
     if events > n_events:  # resumed from a checkpoint: its rows follow its resume event
         last = max(i for i, x in enumerate(lines) if '"event"' in x)
-        start = json.loads(lines[last])["step"]
         mine = lines[last + 1 :]
     else:
-        start, mine = 0, lines[n_lines:]
+        mine = lines[n_lines:]
     rows, torn = parse(mine)
     new_log = "\n".join(read_lines(log)[n_log:])
+    resumed = re.search(r"\[rank 0\] resumed from \S+ at step (\d+)", new_log)
+    start = int(resumed.group(1)) if resumed else 0
     saved = [int(m) for m in re.findall(r"\[rank 0\] checkpoint saved: \S*step_(\d+)", new_log)]
     stop = re.search(r"\[rank 0\] interrupted at step (\d+): saving a checkpoint and exiting with (\d+)", new_log)
     output = out_path.read_text()[-6000:]
