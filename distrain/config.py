@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -227,14 +228,13 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r} must be an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (is_number or (isinstance(value, str) and _looks_numeric(value))):  # YAML 1.1 reads 3e-4 as a string
+            raise ConfigError(f"{key}={value!r} must be a number")
+        number = float(value)
+        if not math.isfinite(number):  # no setting means anything at inf or NaN; it would train silently on garbage
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -340,10 +340,16 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}={path} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"{what}={path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}={path} is not a text (UTF-8) YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{what}={path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{what}={path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -353,10 +359,13 @@ def load_yaml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- validation
 
+MAX_SEED = 2**32 - 1  # numpy's legacy global seed (seeded from train.seed) takes no more
+
 
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express, and paths that must exist."""
     t, o, s, d = cfg.train, cfg.optim, cfg.sched, cfg.data
+    eval_bs, prefetch = d.eval_batch_size, d.prefetch_factor
     checks = [
         (t.max_epochs >= 1 or t.max_steps > 0, "train.max_epochs", t.max_epochs, "an integer >= 1"),
         (t.max_steps >= 0, "train.max_steps", t.max_steps, "an integer >= 0"),
@@ -365,8 +374,12 @@ def validate(cfg: Config) -> None:
         (t.clip_norm >= 0, "train.clip_norm", t.clip_norm, "a number >= 0"),
         (t.patience >= 0, "train.patience", t.patience, "an integer >= 0"),
         (t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "an integer >= 1"),
+        (0 <= t.seed <= MAX_SEED, "train.seed", t.seed, f"an integer in [0, {MAX_SEED}]"),
+        (t.min_delta >= 0, "train.min_delta", t.min_delta, "a number >= 0"),
         (o.lr > 0, "optim.lr", o.lr, "a number > 0"),
         (o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0"),
+        (o.eps >= 0, "optim.eps", o.eps, "a number >= 0"),
+        (o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0"),
         (all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)"),
         (o.base_batch >= 1, "optim.base_batch", o.base_batch, "an integer >= 1"),
         (s.warmup_steps >= 0, "sched.warmup_steps", s.warmup_steps, "an integer >= 0"),
@@ -375,7 +388,9 @@ def validate(cfg: Config) -> None:
         (s.step_size >= 1, "sched.step_size", s.step_size, "an integer >= 1"),
         (0 < s.gamma <= 1, "sched.gamma", s.gamma, "a number in (0, 1]"),
         (d.batch_size == "auto" or d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1 or auto"),
+        (eval_bs is None or eval_bs >= 1, "data.eval_batch_size", eval_bs, "an integer >= 1"),
         (d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0"),
+        (prefetch is None or prefetch >= 1, "data.prefetch_factor", prefetch, "an integer >= 1"),
         (d.global_batch is None or d.global_batch >= 1, "data.global_batch", d.global_batch, "an integer >= 1"),
         (d.auto_max_batch >= 1, "data.auto_max_batch", d.auto_max_batch, "an integer >= 1"),
         (d.auto_memory_mb >= 0, "data.auto_memory_mb", d.auto_memory_mb, "a number >= 0 (0: half the RAM)"),
@@ -386,8 +401,26 @@ def validate(cfg: Config) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+    if s.name in ("cosine", "linear") and s.min_lr > o.lr:  # the "decay" would climb from lr up to min_lr
+        raise ConfigError(f"sched.min_lr={s.min_lr:g} is above optim.lr={o.lr:g}; the decay's floor must be at most lr")
     _check_resume_allow(cfg)
     _check_paths(cfg)
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir)
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
+    """The run dir is a folder or can become one: no file in its place or above it, and writable."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a folder")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != p and not existing.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not writable: no write permission on {existing}")
 
 
 def _check_resume_allow(cfg: Config) -> None:

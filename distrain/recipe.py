@@ -15,6 +15,11 @@ activations for), `validate(cfg)` (raise ConfigError on bad settings) and
 `tokens(batch) -> int` (tokens in a micro-batch, for tokens/s; keep it cheap, no device sync).
 Defaults for any key live in `<recipe>.yaml` beside the module. The module docstring's
 first line is the recipe's one-line description.
+
+What these return is checked on every call (a ConfigError naming the recipe: a step's loss,
+preds and targets have one row per sample), and before anything is written distrain calls
+step and metrics once on a few validation samples in eval mode (distrain.preflight), so a
+metrics function that counts its calls sees one call more than there are evaluations.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 
 from distrain.config import Config, ConfigError, DataConfig, apply_dict, load_yaml, parse_overrides, validate
+from distrain.data import batch_size_of
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -78,8 +84,21 @@ class Recipe:
 
 
     def bind(self, cfg: Config) -> Recipe:
-        """A copy whose step and metrics take the config when they ask for it as a third argument."""
-        return dataclasses.replace(self, step=_with_cfg(self.step, cfg, 2), metrics=_with_cfg(self.metrics, cfg, 2))
+        """A copy whose step and metrics take the config when they ask for it as a third argument,
+        and whose build_model, step and metrics check what they return (one ConfigError line)."""
+        where = f"recipe={cfg.recipe}"
+        step, metrics, build_model = _with_cfg(self.step, cfg, 2), _with_cfg(self.metrics, cfg, 2), self.build_model
+
+        def checked_build_model(c: Config) -> torch.nn.Module:
+            return check_model(build_model(c), where)
+
+        def checked_step(model: torch.nn.Module, batch: Any) -> StepOutput:
+            return check_step_output(step(model, batch), batch, where)
+
+        def checked_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+            return check_metrics(metrics(preds, targets), where)
+
+        return dataclasses.replace(self, step=checked_step, metrics=checked_metrics, build_model=checked_build_model)
 
 
 def _with_cfg(fn: Callable, cfg: Config, base_args: int) -> Callable:
@@ -88,6 +107,58 @@ def _with_cfg(fn: Callable, cfg: Config, base_args: int) -> Callable:
 
     params = inspect.signature(fn).parameters
     return functools.partial(fn, cfg=cfg) if len(params) > base_args and "cfg" in params else fn
+
+
+def check_model(model: Any, where: str) -> torch.nn.Module:
+    """build_model's result: a module with at least one parameter to train."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{where}: build_model returned {type(model).__name__}, not a torch.nn.Module")
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError(f"{where}: build_model returned a {type(model).__name__} without parameters; none to train")
+    if not any(p.requires_grad for p in params):
+        raise ConfigError(
+            f"{where}: every one of the {len(params)} parameters of build_model's {type(model).__name__} is frozen "
+            "(requires_grad=False); nothing to train"
+        )
+    return model
+
+
+def check_step_output(out: Any, batch: Any, where: str) -> StepOutput:
+    """step's result: a StepOutput whose loss (and preds/targets) hold one row per sample of the batch.
+
+    A loss reduced over the batch (a scalar, or shape [1] for B > 1) would be summed as one
+    sample's loss and give 1/B of the intended gradient, so it is refused, not averaged.
+    """
+    if not isinstance(out, StepOutput):
+        raise ConfigError(
+            f"{where}: step returned {type(out).__name__}, not distrain.StepOutput(loss=..., preds=..., targets=...)"
+        )
+    try:
+        n: int | None = batch_size_of(batch)
+    except (TypeError, StopIteration, IndexError, KeyError):  # a batch type without a leading sample dimension
+        n = None
+    b = "B" if n is None else str(n)
+    for name in ("loss", "preds", "targets"):
+        value = getattr(out, name)
+        if value is None and name != "loss":
+            continue
+        if not torch.is_tensor(value):
+            raise ConfigError(f"{where}: step returned StepOutput.{name} of type {type(value).__name__}, not a tensor")
+        how = f"one row per sample, shape [{b}] or [{b}, ...]" + (" (reduction='none')" if name == "loss" else "")
+        if value.ndim == 0:
+            raise ConfigError(f"{where}: step returned a scalar {name}; it needs {how}")
+        if n is not None and value.shape[0] != n:
+            got = f"{name} of shape {list(value.shape)}"
+            raise ConfigError(f"{where}: step returned {got} for a batch of {n}; it needs {how}")
+    return out
+
+
+def check_metrics(result: Any, where: str) -> dict[str, Any]:
+    """metrics' result: a dict of name -> value."""
+    if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
+        raise ConfigError(f"{where}: metrics returned {type(result).__name__}, not a dict of name -> value")
+    return result
 
 
 REQUIRED = ("ModelConfig", "DataConfig", "build_model", "build_datasets", "step", "metrics")
@@ -113,8 +184,12 @@ def _first_docstring_line(path: Path) -> str:
 def resolve_recipe_path(name: str) -> Path:
     if _names_a_file(name):
         path = Path(name).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"recipe={name} is a folder; give a recipe name or a .py file")
         if not path.is_file():
             raise ConfigError(f"recipe={name} does not exist; give a recipe name or an existing .py file")
+        if path.suffix != ".py":
+            raise ConfigError(f"recipe={name} is not a .py file; give a recipe name or a Python file")
         return path.resolve()
     path = RECIPES_DIR / f"{name}.py"
     if not path.is_file():
@@ -159,16 +234,17 @@ def load_recipe(name: str) -> Recipe:
         raise ConfigError(f"recipe is required, e.g. recipe=har; available: {', '.join(available_recipes())}")
     path = resolve_recipe_path(name)
     module_name = f"distrain_recipe_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling by DataLoader workers need it registered
-    spec.loader.exec_module(module)
+    module = _import(name, path, module_name)
     missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
     if missing:
         raise ConfigError(f"recipe={name} lacks {', '.join(missing)}; a recipe defines {', '.join(REQUIRED)}")
     if not (isinstance(module.DataConfig, type) and issubclass(module.DataConfig, DataConfig)):
         raise ConfigError(f"recipe={name}: DataConfig must subclass distrain.DataConfig")
+    if not (isinstance(module.ModelConfig, type) and dataclasses.is_dataclass(module.ModelConfig)):
+        raise ConfigError(f"recipe={name}: ModelConfig must be a dataclass")
+    not_callable = [f for f in ("build_model", "build_datasets", "step", "metrics") if not callable(getattr(module, f))]
+    if not_callable:
+        raise ConfigError(f"recipe={name}: {', '.join(not_callable)} must be callable")
     yaml_path = path.with_suffix(".yaml")
     defaults = load_yaml(yaml_path, what="recipe defaults") if yaml_path.is_file() else {}
     return Recipe(
@@ -188,6 +264,35 @@ def load_recipe(name: str) -> Recipe:
         report=getattr(module, "report", None),
         tokens=getattr(module, "tokens", None),
     )
+
+
+def _import(name: str, path: Path, module_name: str) -> ModuleType:
+    """Execute the recipe file; any error in it is one line naming the file, the line and the error."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"recipe={name} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling by DataLoader workers need it registered
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:
+        del sys.modules[module_name]
+        raise ConfigError(f"recipe={name} failed to import: {error_line(e, path)}") from None
+    return module
+
+
+def error_line(e: BaseException, path: Path) -> str:
+    """`file:line: Type: first line of the message`, at the deepest frame inside `path` (else the deepest)."""
+    import traceback
+
+    if isinstance(e, SyntaxError) and e.filename:  # the frame is the importer's; the error knows the line
+        return f"{e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}"
+    frames = traceback.extract_tb(e.__traceback__)
+    inside = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
+    frame = (inside or frames or [None])[-1]
+    where = f"{frame.filename}:{frame.lineno}: " if frame is not None else ""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{where}{type(e).__name__}" + (f": {message}" if message else "")
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, Recipe]:

@@ -38,6 +38,10 @@ from distrain.config import ConfigError, parse_value
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\((.*)\)\s*$")
+# A value meant as a search space but malformed (unclosed, brackets, spaces): reported as such,
+# not taken as a fixed override that then leaves the space empty.
+_ATTEMPT = re.compile(r"^\s*(?:[A-Za-z_]\w*\s*\(|(?:" + "|".join(DISTRIBUTIONS) + r")\b)")
+MAX_SEED = 2**31 - 1  # optuna's TPE sampler seeds numpy with seed + trials so far + 7919 x array task
 SWEEP_KEYS = ("trials", "sweep_dir", "seed", "prune_warmup")
 
 
@@ -108,7 +112,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], list[Param]]
             settings[key] = parse_value(text) if key != "sweep_dir" else text
         elif key == "output_dir":
             raise ConfigError("output_dir is set per trial (<sweep_dir>/trial_<n>); give sweep_dir= instead")
-        elif _CALL.match(text) and not text.strip().startswith("["):
+        elif _ATTEMPT.match(text):
             space.append(parse_param(key, text))
         else:
             fixed.append(arg)
@@ -116,6 +120,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], list[Param]]
         raise ConfigError(f"trials={settings['trials']!r} is out of range; allowed: an integer >= 1")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
         raise ConfigError(f"seed={settings['seed']!r} must be an integer")
+    if not 0 <= settings["seed"] <= MAX_SEED:
+        raise ConfigError(f"seed={settings['seed']!r} is out of range; allowed: an integer in [0, {MAX_SEED}]")
     warmup = settings["prune_warmup"]
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ConfigError(f"prune_warmup={warmup!r} is out of range; allowed: an integer >= 0")

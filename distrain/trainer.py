@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from distrain import checkpoint, run_lock, trainer_checkpoint
+from distrain import checkpoint, preflight, run_lock, trainer_checkpoint
 from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
 from distrain.config import Config, ConfigError, to_plain
 from distrain.data import (
@@ -205,6 +205,7 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.interrupt = InterruptFlag()
         self.on_eval: list[Any] = []  # callables (step, val_metrics) run after every evaluation
+        preflight.dry_run(self)  # one tiny forward of step and metrics: a misfit recipe fails before any write
         self.run_dir = self._make_run_dir()
         self._last_saved_step = -1
         self.resume_notes: list[Decision] = []  # each setting that differs from the checkpoint's, and its verdict

@@ -33,18 +33,21 @@ def load_h5(path: str | Path, key: str) -> tuple[np.ndarray, list[str]]:
     (group <key> with block0_values (T, N) and axis0 = sensor ids), or a plain (T, N) dataset."""
     import h5py
 
+    if Path(path).is_dir():
+        raise ConfigError(f"data.path={path} is a folder, not an HDF5 file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ConfigError(f"data.path={path} is not a readable HDF5 file: {e}") from None
+        reason = " ".join(str(e).split())  # h5py's messages can span lines
+        raise ConfigError(f"data.path={path} is not a readable HDF5 file: {reason}") from None
     with f:
         if key not in f:
-            raise ConfigError(f"data.h5_key={key!r} is not in {path}; top-level keys: {', '.join(f)}")
+            raise ConfigError(f"data.h5_key={key!r} is not in {path}; top-level keys: {', '.join(f) or 'none'}")
         node = f[key]
         if isinstance(node, h5py.Dataset):
-            values, names = np.asarray(node, dtype=np.float32), []
+            values, names = _numeric_rows(node, f"data.h5_key={key!r} in {path}"), []
         elif "block0_values" in node and "block1_values" not in node:
-            values = np.asarray(node["block0_values"], dtype=np.float32)
+            values = _numeric_rows(node["block0_values"], f"data.h5_key={key!r} in {path} (block0_values)")
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in node["axis0"][:]]
         else:
             raise ConfigError(
@@ -55,6 +58,15 @@ def load_h5(path: str | Path, key: str) -> tuple[np.ndarray, list[str]]:
     return values, names if len(names) == values.shape[1] else [f"s{i}" for i in range(values.shape[1])]
 
 
+def _numeric_rows(dataset, what: str) -> np.ndarray:
+    """An HDF5 dataset as float32 with at least one row, or a ConfigError naming it."""
+    if dataset.dtype.kind not in "biuf":  # strings, objects, compound records: nothing to forecast
+        raise ConfigError(f"{what} holds {dataset.dtype} data, not numbers")
+    if dataset.ndim == 0 or dataset.shape[0] == 0:
+        raise ConfigError(f"{what} holds no rows")
+    return np.asarray(dataset, dtype=np.float32)
+
+
 def load_csv(path: str | Path, columns: list[str], time_column: str | None) -> tuple[np.ndarray, list[str]]:
     """A CSV with one row per time step: the listed columns, or every numeric column but the time one."""
     import pandas as pd
@@ -62,7 +74,7 @@ def load_csv(path: str | Path, columns: list[str], time_column: str | None) -> t
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.path={path} is not a readable CSV: {e}") from None
+        raise ConfigError(f"data.path={path} is not a readable CSV: {' '.join(str(e).split())}") from None
     if time_column:
         if time_column not in df:
             raise ConfigError(f"data.time_column={time_column!r} is not a column of {path}; columns: {', '.join(df)}")
@@ -70,9 +82,14 @@ def load_csv(path: str | Path, columns: list[str], time_column: str | None) -> t
     missing = [c for c in columns if c not in df]
     if missing:
         raise ConfigError(f"data.columns: {', '.join(missing)} not in {path}; columns: {', '.join(df)}")
+    if len(df) == 0:
+        raise ConfigError(f"data.path={path} holds no rows")
     df = df[columns] if columns else df.select_dtypes("number")
     if df.shape[1] == 0:
         raise ConfigError(f"data.path={path} has no numeric columns to forecast")
+    words = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if words:
+        raise ConfigError(f"data.columns: {', '.join(words)} in {path} hold non-numeric values")
     return df.to_numpy(np.float32), [str(c) for c in df.columns]
 
 

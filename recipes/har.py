@@ -10,6 +10,7 @@ layout instead (9 channels, 6 activities; val = the last 4 training subjects).
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,17 +62,41 @@ def _windows(recordings, labels, subjects, window: int, stride: int):
     return np.stack(xs).astype(np.float32), np.array(ys), np.array(ss)
 
 
+def _read_txt(root: str | Path, path: Path, dtype: type, ndmin: int) -> np.ndarray:
+    """One UCI HAR text file; anything but rows of numbers is one ConfigError line naming the file."""
+    try:
+        with warnings.catch_warnings():  # an empty file: numpy warns, and the check below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            a = np.loadtxt(path, dtype=dtype, ndmin=ndmin)
+    except OSError as e:
+        raise ConfigError(f"data.path={root} is not a UCI HAR folder: {path}: {e.strerror or e}") from None
+    except ValueError as e:  # words, a ragged row, or a float where a label belongs
+        raise ConfigError(f"data.path={root}: {path} is not rows of numbers: {str(e).splitlines()[0]}") from None
+    if len(a) == 0:
+        raise ConfigError(f"data.path={root}: {path} holds no rows")
+    return a
+
+
 def load_uci_har(root: str | Path) -> dict[str, np.ndarray]:
     """UCI HAR: <root>/{train,test}/Inertial Signals/<channel>_<split>.txt (rows of 128), y_*.txt, subject_*.txt."""
     out = {}
     for split in ("train", "test"):
         d = Path(root) / split
-        try:
-            x = np.stack([np.loadtxt(d / "Inertial Signals" / f"{c}_{split}.txt", ndmin=2) for c in UCI_CHANNELS], 1)
-            y = np.loadtxt(d / f"y_{split}.txt", dtype=np.int64, ndmin=1) - 1
-            s = np.loadtxt(d / f"subject_{split}.txt", dtype=np.int64, ndmin=1)
-        except OSError as e:
-            raise ConfigError(f"data.path={root} is not a UCI HAR folder: {e}") from None
+        files = [d / "Inertial Signals" / f"{c}_{split}.txt" for c in UCI_CHANNELS]
+        channels = [_read_txt(root, f, np.float64, 2) for f in files]
+        y = _read_txt(root, d / f"y_{split}.txt", np.int64, 1) - 1
+        s = _read_txt(root, d / f"subject_{split}.txt", np.int64, 1)
+        for f, c in zip(files, channels):
+            if c.shape != channels[0].shape:
+                raise ConfigError(f"data.path={root}: {f} has shape {c.shape} but {files[0]} has {channels[0].shape}")
+        for f, a in ((d / f"y_{split}.txt", y), (d / f"subject_{split}.txt", s)):
+            if a.ndim != 1 or len(a) != len(channels[0]):
+                raise ConfigError(f"data.path={root}: {f} has {len(a)} rows but the signals have {len(channels[0])}")
+        if y.min() < 0 or y.max() >= len(UCI_LABELS):
+            raise ConfigError(f"data.path={root}: y_{split}.txt labels must be 1..{len(UCI_LABELS)}")
+        if not all(np.isfinite(c).all() for c in channels):
+            raise ConfigError(f"data.path={root}: the {split} signals hold NaN/inf values")
+        x = np.stack(channels, 1)
         out |= {f"x_{split}": x.astype(np.float32), f"y_{split}": y, f"s_{split}": s}
     return out
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -75,16 +75,17 @@ def read_h5(path: str | Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.nd
     """X as (N, F) float32, Y as (N, K) float32, and the output names (attr `names` or y0, y1, ...)."""
     import h5py
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ConfigError(f"data.path={path} is not a readable HDF5 file: {e}") from None
+    f = open_h5(path)
     with f:
+        arrays = []
         for key, name in ((x_key, "data.x_key"), (y_key, "data.y_key")):
             if key not in f or not isinstance(f[key], h5py.Dataset):
                 found = [k for k in f if isinstance(f[k], h5py.Dataset)]
-                raise ConfigError(f"{name}={key!r} is not a dataset in {path}; datasets there: {', '.join(found)}")
-        x, y = np.asarray(f[x_key], dtype=np.float32), np.asarray(f[y_key], dtype=np.float32)
+                raise ConfigError(
+                    f"{name}={key!r} is not a dataset in {path}; datasets there: {', '.join(found) or 'none'}"
+                )
+            arrays.append(numeric_rows(f[key], f"{name}={key!r} in {path}"))
+        x, y = arrays
         names = [str(n) for n in f[y_key].attrs.get("names", [])]
     x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
     if len(x) != len(y):
@@ -94,11 +95,40 @@ def read_h5(path: str | Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.nd
     return x, y, names if len(names) == y.shape[1] else [f"y{i}" for i in range(y.shape[1])]
 
 
+def open_h5(path: str | Path) -> Any:
+    """An open h5py.File; anything else is one ConfigError line (h5py's own messages span lines)."""
+    import h5py
+
+    if Path(path).is_dir():
+        raise ConfigError(f"data.path={path} is a folder, not an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        reason = " ".join(str(e).split())  # one line, whatever HDF5 put in it
+        raise ConfigError(f"data.path={path} is not a readable HDF5 file: {reason}") from None
+
+
+def numeric_rows(dataset: Any, what: str) -> np.ndarray:
+    """An HDF5 dataset as float32 with at least one row, or a ConfigError naming it."""
+    if dataset.dtype.kind not in "biuf":  # strings, objects, compound records: no number to train on
+        raise ConfigError(f"{what} holds {dataset.dtype} data, not numbers")
+    if dataset.ndim == 0:
+        raise ConfigError(f"{what} is a scalar, not rows of samples")
+    if dataset.shape[0] == 0:
+        raise ConfigError(f"{what} holds no rows")
+    return np.asarray(dataset, dtype=np.float32)
+
+
 @lru_cache(maxsize=2)
 def load_arrays(path: str | None, x_key: str, y_key: str, val: float, test: float, seed: int):
     x, y, names = read_h5(path or default_h5(), x_key, y_key)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test, n_val = round(test * len(x)), round(val * len(x))
+    if n_val < 1 or len(x) - n_test - n_val < 1:
+        raise ConfigError(
+            f"data.path={path or 'diabetes.h5'} has {len(x)} rows: too few for a train and a validation split "
+            f"with data.val_fraction={val} and data.test_fraction={test}"
+        )
     idx = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     tr = idx["train"]
     stats = {
