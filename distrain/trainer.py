@@ -598,9 +598,12 @@ class Trainer:
             best = self.backend.full_state_dict(self.model)
             if self.rank == 0:
                 save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
-        elif s.best_step not in (-1, s.step):
-            log.warning("the best weights (step %d) were not restorable; the test split uses the final ones",
-                        s.best_step)  # fmt: skip
+        else:
+            if s.best_step not in (-1, s.step):
+                log.warning("the best weights (step %d) were not restorable; the test split uses the final ones",
+                            s.best_step)  # fmt: skip
+            if self.rank == 0:  # an earlier segment's (a finished run continued with a larger max_steps)
+                (self.run_dir / "best_model.safetensors").unlink(missing_ok=True)
         if "test" in self.datasets:
             test_metrics = self.evaluate("test")
             log.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
