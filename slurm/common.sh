@@ -21,7 +21,7 @@ log_environment() {
   echo "=== distrain job $DISTRAIN_RUN_ID (slurm job $SLURM_JOB_ID) SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}" \
        "on $(hostname) at $(date -u +%FT%TZ); head $DISTRAIN_HEAD:$DISTRAIN_PORT"
   # In Python, not a sed over the listing: a sed sees one line of a multi-line value (a private key).
-  echo "--- environment (secrets masked by name and by value shape, on every line)"
+  echo "--- printenv (sorted; secrets masked by name and by value shape, on every line)"
   "$DISTRAIN_PYTHON" -I {{env_mask}} || echo "(not shown: the masking helper failed)"
   echo "--- pip freeze"
   "$DISTRAIN_PYTHON" -m pip freeze 2>&1
