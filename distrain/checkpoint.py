@@ -9,7 +9,7 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
                                optimizer param groups and scalar state
     trainer_state.json         step, epoch, samples consumed, scheduler, grad scaler, best metric,
-                               early-stopping counters, world size, backend, config hash, versions
+                               early-stopping counters, world size, backend, versions
     config.yaml                the run's config (so `distrain export` needs only the checkpoint)
     COMPLETE                   written last: step, and every other file's size and the xxh3-128
                                checksums of its eighths; a folder without it is never loaded
@@ -24,7 +24,6 @@ safetensors, everything else JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -63,8 +62,6 @@ ABANDONED = "abandoned-"  # checkpoints/abandoned-<time>/: a rewound run's later
 # fault-injection tests can check that an interrupted save never damages earlier checkpoints.
 CRASH_ENV = "DISTRAIN_CRASH_AT"
 CRASH_STAGES = ("before_shards", "between_shards", "before_complete", "before_latest")
-# Keys that may change between a run and its continuation without making the resume suspicious.
-VOLATILE_KEYS = ("resume", "output_dir", "print_config", "log", "ckpt", "train.max_steps", "train.max_epochs")
 
 
 class CheckpointError(ConfigError):
@@ -206,19 +203,6 @@ def _point_latest(root: Path, name: str, keep_last: int | None = None) -> None:
     os.replace(tmp, root / LATEST)
     if keep_last:
         apply_retention(root, keep_last)
-
-
-def config_hash(cfg_dict: dict[str, Any]) -> str:
-    """Hash of the settings that must not change across a resume (not max_steps, logging, paths)."""
-    d = json.loads(json.dumps(cfg_dict, default=str))
-    for key in VOLATILE_KEYS:
-        parts = key.split(".")
-        node = d
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:

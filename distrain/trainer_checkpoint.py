@@ -15,7 +15,6 @@ from distrain.checkpoint import (
     STATE,
     CheckpointError,
     choose,
-    config_hash,
     find_best,
     read_json,
     save_checkpoint,
@@ -32,8 +31,6 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
     """What trainer_state.json holds for a Trainer at a step boundary."""
     import dataclasses
 
-    from distrain.config import to_plain
-
     sched = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
     scaler = getattr(trainer.accelerator, "scaler", None)
     s = trainer.state
@@ -48,7 +45,6 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "backend": trainer.backend.name,
         "global_batch": trainer.plan.global_batch,
         "recipe": trainer.recipe.name,
-        "config_hash": config_hash(to_plain(trainer.cfg)),
         "versions": versions(),
     }
 
