@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from distrain.checkpoint_state import dtensor_type, flatten_optim, geometry, layout, rank_tensors
 from distrain.config import ConfigError
+from distrain.fault_points import fault_point
 from distrain.shard_file import write_shard
 from distrain.weights import fsync_path, write_synced
 
@@ -58,10 +58,6 @@ STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 TEXT_FILES = (INDEX, STATE, CONFIG)  # written by rank 0; every other recorded file is a shard
 ABANDONED = "abandoned-"  # checkpoints/abandoned-<time>/: a rewound run's later checkpoints, set aside
-# Test hook: DISTRAIN_CRASH_AT=<stage>[:<step>] SIGKILLs rank 0 at that point of a save, so the
-# fault-injection tests can check that an interrupted save never damages earlier checkpoints.
-CRASH_ENV = "DISTRAIN_CRASH_AT"
-CRASH_STAGES = ("before_shards", "between_shards", "before_complete", "before_latest")
 
 
 class CheckpointError(ConfigError):
@@ -97,15 +93,6 @@ def agree_failed(failed: bool, world: int) -> bool:
     verdict = torch.tensor([int(failed)], dtype=torch.int64, device=collective_device())
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
     return bool(verdict.item())
-
-
-def _crash_point(stage: str, rank: int, step: int) -> None:
-    want = os.environ.get(CRASH_ENV, "")
-    if not want or rank != 0:
-        return
-    name, _, at = want.partition(":")
-    if name == stage and (not at or int(at) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 BLOCKS = 8  # checksums per file: ranks share verification by block, so it is balanced at any file sizes
@@ -250,7 +237,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: removed before COMPLETE
         if rank == 0:
             _clear_stale(root, keep=tmp)
-        _crash_point("before_shards", rank, step)
+        fault_point("before_shards", rank, step)
 
         optim_tensors, optim_extra = flatten_optim(optim_state)
         tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
@@ -270,7 +257,7 @@ def save_checkpoint(
         fsync_path(shard)
     except Exception as e:  # still join the gather below: the other ranks wait in it
         failure = e
-    _crash_point("between_shards", rank, step)
+    fault_point("between_shards", rank, step)
     files = _gather_files(checksums, size, rank, world)
     if rank != 0:
         if failure is not None:
@@ -284,7 +271,7 @@ def save_checkpoint(
         if lost:
             raise CheckpointError(f"checkpoint {final} was not saved: {', '.join(lost)} could not be written "
                                   "(see that rank's error); the earlier checkpoints are kept")  # fmt: skip
-        _crash_point("before_complete", rank, step)
+        fault_point("before_complete", rank, step)
         files |= dict(zip(texts, (f.result() for f in texts_written), strict=True))
         for leftover in tmp.iterdir():  # files of a crashed save of the same name (e.g. a shard of a rank gone)
             if leftover.name not in files:
@@ -302,7 +289,7 @@ def save_checkpoint(
         if error is e:
             raise
         raise error from e
-    _crash_point("before_latest", rank, step)
+    fault_point("before_latest", rank, step)
     if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush_pending
         _after_commit(_point_latest, root, name, keep_last)
     return final

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,7 @@ from distrain.data import (
     loader_kwargs,
     move_to,
 )
+from distrain.fault_points import EVAL_STAGE, fault_point
 from distrain.metrics import (
     SUPERSEDED,
     MetricsLogger,
@@ -50,7 +52,7 @@ from distrain.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.recipe import Recipe, StepOutput
 from distrain.resume_check import Decision
 from distrain.rng import seed_step
-from distrain.signals import InterruptFlag
+from distrain.signals import EXIT_CODES, InterruptFlag
 from distrain.throughput import count_flops, mfu, peak_flops
 from distrain.weights import save_weights
 
@@ -95,7 +97,7 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     applied: bool  # False: skipped (non-finite loss or gradient, or an fp16 overflow)
     loss_finite: bool
-    interrupt: bool  # some rank received SIGINT/SIGTERM/SIGUSR1: all ranks stop after this step
+    interrupt: int  # exit code of the signal some rank received (0: none): all ranks stop after this step
     tokens: int  # tokens of the step over all ranks (0 when the recipe does not count them)
     backward_done: float  # perf_counter when the forward/backward pass finished (after a host sync)
 
@@ -318,6 +320,11 @@ class Trainer:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def _all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def forward(self, batch: Any) -> StepOutput:
         with self._autocast():  # the bound recipe's step checks what it returns (recipe.check_step_output)
             return self.recipe.step(self.model, batch)
@@ -345,7 +352,7 @@ class Trainer:
             if self.recipe.tokens is not None:
                 tokens += int(self.recipe.tokens(batch))
         assert loss_sum is not None
-        flag = float(self.interrupt.signum > 0)
+        flag = float(self.interrupt.poll() > 0)
         if self.world_size > 1:
             # One small all-reduce per step: the global loss, the interrupt flag and the token count,
             # so all ranks agree on skipping a non-finite step and on stopping.
@@ -356,9 +363,31 @@ class Trainer:
         loss_finite = math.isfinite(float(loss))  # a host sync: waits for the backward on CUDA too,
         backward_done = time.perf_counter()  # so the time split is real
         grad_norm, applied = self.backend.step(self.model, self.optimizer, self.cfg.train.clip_norm, loss_finite)
+        interrupt = self._agreed_exit_code(flag > 0)
         return StepResult(loss=loss, grad_norm=float(grad_norm), applied=applied, loss_finite=loss_finite,
-                          interrupt=flag > 0, tokens=tokens if self.recipe.tokens is not None else 0,
+                          interrupt=interrupt, tokens=tokens if self.recipe.tokens is not None else 0,
                           backward_done=backward_done)  # fmt: skip
+
+    def _agreed_exit_code(self, stopping: bool) -> int:
+        """The exit code every rank reports once some rank was interrupted (0: none): the highest of
+        the ranks' own codes, so a signal to one worker stops all of them with its code."""
+        if not stopping:
+            return 0
+        code = self.interrupt.exit_code
+        if self.world_size > 1:
+            code = int(self._all_reduce_max(torch.tensor([float(code)], device=self.device))[0])
+        if self.interrupt.launcher_gone:
+            log.warning("%s: saving a checkpoint and exiting", self.interrupt.describe())
+        return code or EXIT_CODES[signal.SIGINT]
+
+    def _stop_if_interrupted(self) -> None:
+        """After an evaluation or a save, which can take long: a signal that came meanwhile stops the
+        run at this step (one all-reduce, as rare as evaluations and saves), not a step later."""
+        stopping = self.interrupt.poll() > 0
+        if self.world_size > 1:
+            stopping = bool(self._all_reduce_max(torch.tensor([float(stopping)], device=self.device))[0])
+        if stopping:
+            raise Interrupted(self._agreed_exit_code(True))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -424,6 +453,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _run_eval(self, logger: MetricsLogger, elapsed: float) -> None:
+        fault_point(EVAL_STAGE, self.rank, self.state.step)
         metrics = self.evaluate("val")
         row = {"step": self.state.step, "epoch": self.state.epoch, "time": round(elapsed, 3)}
         row.update({f"val/{k}": v for k, v in metrics.items()})
@@ -449,6 +479,7 @@ class Trainer:
         try:
             if self._eval_due():  # the interrupted run stopped at an eval_every step before evaluating
                 self._run_eval(logger, self._elapsed())
+                self._stop_if_interrupted()
             while s.step < self.total_steps and not s.stopped_early:
                 if self._train_epoch(logger):
                     s.epoch, s.consumed = s.epoch + 1, 0
@@ -456,6 +487,7 @@ class Trainer:
                         self._run_eval(logger, self._elapsed())
                     if cfg.ckpt.every_epoch:
                         self._save_step()
+                    self._stop_if_interrupted()
             if s.last_eval_step != s.step:
                 self._run_eval(logger, self._elapsed())
             if cfg.ckpt.save_final:
@@ -507,11 +539,15 @@ class Trainer:
             else:
                 logger.advance(1)
             if result.interrupt:  # the evaluation due at this step runs first thing after the resume
-                raise Interrupted(self.interrupt.exit_code or 130)
-            if cfg.train.eval_every and s.step % cfg.train.eval_every == 0:
+                raise Interrupted(result.interrupt)
+            evaluate = bool(cfg.train.eval_every) and s.step % cfg.train.eval_every == 0
+            save = bool(cfg.ckpt.every_steps) and s.step % cfg.ckpt.every_steps == 0
+            if evaluate:
                 self._run_eval(logger, self._elapsed())
-            if cfg.ckpt.every_steps and s.step % cfg.ckpt.every_steps == 0:
+            if save:
                 self._save_step()
+            if evaluate or save:
+                self._stop_if_interrupted()
 
     def _check_finite(self, result: StepResult, loss_value: float) -> None:
         """Count skipped steps; consecutive bad ones (non-finite loss or gradient) stop the run."""

@@ -61,11 +61,16 @@ class Setup:
     name: str
     launch: str | None  # launch_configs/<launch>.yaml, None: one process
     args: tuple[str, ...]
+    launcher: str = "accelerate"  # or "torchrun" (2 processes, the launch config's backend from env)
 
     @property
     def steps(self) -> int:
         """train.max_steps of the run (the last one given wins, as on distrain's command line)."""
         return [int(a.split("=")[1]) for a in self.args if a.startswith("train.max_steps=")][-1]
+
+    @property
+    def eval_every(self) -> int:
+        return [int(a.split("=")[1]) for a in self.args if a.startswith("train.eval_every=")][-1]
 
 
 SETUPS = {
@@ -79,23 +84,38 @@ def constant_lr(setup: Setup, steps: int | None = None) -> Setup:
     """The setup with a constant schedule, whose lr at a step does not depend on max_steps, so a
     run stopped by max_steps and continued with a larger one can equal a straight run."""
     more = ("sched.name=constant", *((f"train.max_steps={steps}",) if steps else ()))
-    return Setup(setup.name, setup.launch, (*setup.args, *more))
+    return replace(setup, args=(*setup.args, *more))
+
+
+def under_torchrun(setup: Setup) -> Setup:
+    """The setup started by `torchrun --nproc_per_node 2` instead of `accelerate launch`."""
+    return replace(setup, name=f"{setup.name}-torchrun", launcher="torchrun")
 
 
 @dataclass
 class Kill:
-    kind: str  # sigkill | crash | sigterm | sigusr1
+    """kind sigkill | crash | sigterm | sigusr1 | signal. A "signal" sends `sig` to `target`:
+    "launcher", its process "group" (what a terminal's Ctrl-C reaches), "workers" (every training
+    process), "rank1", or "all" (the launcher and every worker: a signal echoed by the launcher);
+    after `rows` rows, or with a `stage` ("eval" or a save stage) from inside rank 0 at the
+    `nth` evaluation or save of the segment (DISTRAIN_CRASH_AT, target launcher or self)."""
+
+    kind: str
     rows: int = 1
     delay: float = 0.0
     target: str = "all"
     stage: str = ""
     nth: int = 1
+    sig: str = ""
 
     def __str__(self) -> str:
         if self.kind == "crash":
             return f"crash {self.stage} at save #{self.nth}"
         if self.kind == "sigkill":
             return f"sigkill {self.target} after {self.rows} rows +{self.delay * 1000:.0f} ms"
+        if self.kind == "signal":
+            when = f"inside {self.stage} #{self.nth}" if self.stage else f"after {self.rows} rows"
+            return f"{self.sig} to {self.target} {when}"
         return f"{self.kind} after {self.rows} rows"
 
 
@@ -117,6 +137,8 @@ def random_kills(rng: random.Random, n: int, multi: bool) -> list[Kill]:
 def command(setup: Setup, args: list[str], port: int) -> list[str]:
     if setup.launch is None:
         return [sys.executable, str(RUN_PY), *args]
+    if setup.launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), str(RUN_PY), *args]
     return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch_configs" / f"{setup.launch}.yaml"),
             "--main_process_port", str(port), str(RUN_PY), *args]  # fmt: skip
 
@@ -205,6 +227,7 @@ class Segment:
     crash_step: int | None
     wall: float
     output: str = ""
+    left_behind: int = 0  # processes of the run still alive when it was over (for signals: a leak)
 
 
 def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str, ...] = (),
@@ -217,9 +240,16 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     env = {**os.environ, **ENV}
     crash_step = None
     predicted = newest_complete(run_dir)
+    if setup.launcher == "torchrun" and setup.launch == "cpu_fsdp":
+        env["DISTRAIN_USE_FSDP"] = "true"  # what accelerate launch exports from the launch config
     if kill is not None and kill.kind == "crash":
         crash_step = min((predicted // EVERY + kill.nth) * EVERY, setup.steps)
         env[CRASH_ENV] = f"{kill.stage}:{crash_step}"
+    if kill is not None and kill.kind == "signal" and kill.stage:
+        every = setup.eval_every if kill.stage == "eval" else EVERY
+        crash_step = min((predicted // every + kill.nth) * every, setup.steps)
+        to = "launcher" if setup.launch is not None and kill.target in ("launcher", "group", "all") else "self"
+        env[CRASH_ENV] = f"{kill.stage}:{crash_step}:{kill.sig}:{to}"
     args = [*setup.args, *extra, f"output_dir={run_dir}", "resume=auto"]
     out_path = run_dir.parent / f"{run_dir.name}.out"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,15 +261,20 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         procs = Procs(proc)
         try:
-            if kill is not None and kill.kind != "crash":
+            if kill is not None and kill.kind != "crash" and not (kill.kind == "signal" and kill.stage):
                 _wait_rows(procs, metrics, n_lines, n_events, kill.rows, t0 + timeout)
                 if proc.poll() is None:
                     time.sleep(kill.delay)
+                    procs.scan()
                     _deliver(procs, setup, kill)
             while proc.poll() is None and time.perf_counter() < t0 + timeout:
                 procs.scan(every=0.5)
                 time.sleep(0.05)
             rc = proc.poll()  # None: hung
+            if kill is not None and kill.kind == "signal":  # the workers outlive a launcher that died
+                while procs.alive() and time.perf_counter() < t0 + timeout:
+                    time.sleep(0.05)
+            left_behind = len(procs.alive())
         finally:
             _kill_all(procs)
     lines = read_lines(metrics)
@@ -260,7 +295,7 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
                    interrupted_at=int(stop.group(1)) if stop else None,
                    signal_rc=int(stop.group(2)) if stop else None,
                    left_tmp=any(tmp_before.get(k) != v for k, v in _tmp_dirs(run_dir).items()), crash_step=crash_step,
-                   wall=time.perf_counter() - t0, output=output)  # fmt: skip
+                   wall=time.perf_counter() - t0, output=output, left_behind=left_behind)  # fmt: skip
 
 
 def _tmp_dirs(run_dir: Path) -> dict[str, int]:
@@ -279,6 +314,16 @@ class Procs:
         self.proc = proc
         self.seen: list[Any] = []  # psutil.Process objects
         self.last = 0.0
+
+    def alive(self) -> list[Any]:
+        import psutil
+
+        out = []
+        for p in self.seen:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+        return out
 
     def scan(self, every: float = 0.0) -> None:
         """Add the launcher's descendants; with `every`, at most that often (a scan of /proc costs
@@ -329,6 +374,17 @@ def _deliver(procs: Procs, setup: Setup, kill: Kill) -> None:
         if kill.kind in SIGNALS:
             for pid in ranks.values():
                 os.kill(pid, SIGNALS[kill.kind][0])
+        elif kill.kind == "signal":
+            sig = signal.Signals[kill.sig]
+            if kill.target in ("group", "all"):
+                os.killpg(proc.pid, sig)  # the launcher started this session: it leads the group
+            if kill.target == "launcher":
+                os.kill(proc.pid, sig)
+            if kill.target in ("workers", "all") and setup.launch is not None:
+                for pid in ranks.values():
+                    os.kill(pid, sig)
+            if kill.target == "rank1":
+                os.kill(ranks[1], sig)
         elif kill.target == "all":
             _kill_all(procs)
         else:
@@ -456,9 +512,38 @@ class ChainResult:
     wall: float
 
 
+def expected_codes(kill: Kill, setup: Setup) -> tuple[int, int]:
+    """(the ranks' exit code, the command's) for a "signal" kill. accelerate's and torchrun's agent
+    passes SIGINT/SIGTERM/SIGHUP on and then exits 1 (so does it when a worker stops on a signal
+    of its own); SIGUSR1 kills the agent, and its workers, re-parented, stop as on SIGHUP (129)."""
+    sig = signal.Signals[kill.sig]
+    ranks = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGHUP: 129}[sig]
+    if setup.launch is None:
+        return ranks, ranks
+    if sig == signal.SIGUSR1 and kill.target in ("launcher", "group", "all"):
+        return (138 if kill.target == "all" else 129), -sig
+    return ranks, 1
+
+
 def signal_problems(seg: Segment, setup: Setup) -> list[str]:
-    """A SIGTERM/SIGUSR1 segment: the exit code, and a checkpoint at the step it stopped at."""
+    """A signal segment: the exit codes, one checkpoint at the step it stopped at, no process left."""
     assert seg.kill is not None
+    if seg.kill.kind == "signal":
+        want, want_rc = expected_codes(seg.kill, setup)
+        problems = []
+        last = max((r["step"] for r in seg.rows if "loss" in r), default=None)
+        if seg.signal_rc != want or seg.rc != want_rc:
+            problems.append(f"exit code {seg.rc} (ranks said {seg.signal_rc}), want {want_rc} (ranks {want})")
+        if seg.interrupted_at is None or seg.interrupted_at != last or seg.saved[-1:] != [seg.interrupted_at]:
+            problems.append(f"stopped at step {seg.interrupted_at}, rows up to {last}, saved {seg.saved}")
+        if seg.saved.count(seg.interrupted_at) != 1:
+            problems.append(f"step {seg.interrupted_at} saved {seg.saved.count(seg.interrupted_at)} times")
+        if seg.kill.stage and seg.interrupted_at != seg.crash_step:
+            problems.append(f"signalled inside {seg.kill.stage} at step {seg.crash_step}, "
+                            f"stopped at {seg.interrupted_at}")
+        if seg.left_behind:
+            problems.append(f"{seg.left_behind} processes left running")
+        return problems
     _, want = SIGNALS[seg.kill.kind]
     problems = []
     last = max((r["step"] for r in seg.rows if "loss" in r), default=None)
@@ -531,7 +616,7 @@ def run_kills(setup: Setup, root: Path, ref: Reference, kills: list[Kill], first
                 problems.append(f"chain {chains}: a segment without a kill point exited {seg.rc}\n{seg.output}")
                 break
             prev = Verdict(seg.kill, seg)
-            if seg.kill.kind in SIGNALS:
+            if seg.kill.kind in SIGNALS or seg.kill.kind == "signal":
                 prev.problems += signal_problems(seg, setup)
                 max_saved = max(max_saved, seg.interrupted_at or 0)
         else:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from distrain import checkpoint as ck
-from distrain import checkpoint_load
+from distrain import checkpoint_load, fault_points
 from distrain.checkpoint_state import live_states, set_live_states
 from distrain.export import export, load_weights_dir
 
@@ -104,10 +104,10 @@ def test_interrupt_saves_and_auto_resume_continues_exactly(tmp_path):
     assert_same_weights(weights(run), weights(ref))
 
 
-@pytest.mark.parametrize("stage", ck.CRASH_STAGES)
+@pytest.mark.parametrize("stage", fault_points.CRASH_STAGES)
 def test_crash_during_save_keeps_previous_checkpoint(stage, straight, tmp_path):
     run = tmp_path / "crashed"
-    proc = run_distrain([*BASE, f"output_dir={run}"], env={ck.CRASH_ENV: f"{stage}:40"}, check=False)
+    proc = run_distrain([*BASE, f"output_dir={run}"], env={fault_points.CRASH_ENV: f"{stage}:40"}, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     root = run / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000020"
