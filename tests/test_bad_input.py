@@ -1,10 +1,10 @@
 """Bad input, end to end: exit code 2, exactly one stderr line naming the key, value or path, no
 traceback, and nothing added, changed or removed on disk.
 
-The matrix is grouped by area (config, recipe, dryrun, data, filesystem, sweep). Most cases run
-`distrain.cli.main` in-process under capfd (which sees file-descriptor writes too, so a stray
-log line counts); a few run `python distrain/run.py` as a real process to prove the same there.
-Each case sets up its own inputs in tmp_path, which is also the working directory, so a default
+The matrix is grouped by area (config, recipe, dryrun, data, checkpoint, export, slurm, filesystem,
+sweep). Most cases run `distrain.cli.main` in-process under capfd (which sees file-descriptor
+writes too, so a stray log line counts); a few run `python distrain/run.py` as a real process to
+prove the same there. Each case sets up its own inputs in tmp_path, which is also the working directory, so a default
 `runs/` folder would show up in the snapshot.
 """
 
@@ -524,6 +524,12 @@ def remove(rel: str) -> Callable[[Path], None]:
     return lambda run: (run / rel).unlink()
 
 
+def remove_tree(rel: str) -> Callable[[Path], None]:
+    import shutil
+
+    return lambda run: shutil.rmtree(run / rel)
+
+
 def edit_json(rel: str, **changes: object) -> Callable[[Path], None]:
     def edit(run: Path) -> None:
         import json
@@ -552,7 +558,7 @@ def _checkpoint_cases() -> list[Case]:
         ck("not-a-checkpoint", ["resume={tmp}/data", new], ["{tmp}/data holds no complete checkpoint"],
            lambda run: writer("data/notes.txt", "hello\n")(run.parent)),
         ck("run-dir-without-checkpoints", ["resume={tmp}/run", new], ["{tmp}/run", "no complete checkpoint"],
-           lambda run: __import__("shutil").rmtree(run / "checkpoints")),
+           remove_tree("checkpoints")),
         ck("auto-without-output-dir", ["resume=auto"], ["resume=auto needs output_dir"]),
         ck("corrupt-shard", [at4, new], [f"{{tmp}}/run/{STEP4}/shard-00000.safetensors", "checksum"],
            flip_byte(f"{STEP4}/shard-00000.safetensors")),
@@ -628,7 +634,7 @@ def _export_cases() -> list[Case]:
         # wrong before (weak message): "holds no complete checkpoint" for a path that does not exist
         ex("missing-run-dir", ["{tmp}/nope", *out], ["{tmp}/nope does not exist"], None),
         ex("run-dir-without-checkpoints", ["{tmp}/run", *out], ["{tmp}/run", "no complete checkpoint"],
-           with_run(lambda run: __import__("shutil").rmtree(run / "checkpoints"))),
+           with_run(remove_tree("checkpoints"))),
         # wrong before (weak message): as missing-run-dir
         ex("a-file", ["{tmp}/run/model.safetensors", *out], ["{tmp}/run/model.safetensors is a file"]),
         # wrong before: "holds no complete checkpoint", and in a real process a warning line per damaged one
