@@ -24,12 +24,14 @@ safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -613,6 +615,35 @@ def recorded_files(path: Path, complete: dict[str, Any] | None = None) -> dict[s
     return files
 
 
+SKIPPED = "skipping checkpoint: "  # how choose and the resume warn about a checkpoint they pass over
+
+
+@contextlib.contextmanager
+def holding_skips() -> Iterator[list[logging.LogRecord]]:
+    """Hold back the "skipping checkpoint" warnings logged inside; the caller emits them
+    (log.handle) once a checkpoint was found, or folds them into its one-line error if none was."""
+    held: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith(SKIPPED):
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(keep)
+    try:
+        yield held
+    finally:
+        log.removeFilter(keep)
+
+
+def with_skips(message: str, held: list[logging.LogRecord]) -> str:
+    """`message` followed by why each checkpoint was passed over, in one line."""
+    if not held:
+        return message
+    return f"{message} ({'; '.join(r.getMessage().removeprefix(SKIPPED) for r in held)})"
+
+
 def find_resumable(run_dir: str | os.PathLike) -> Path | None:
     """The newest COMPLETE checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
     chosen = choose("auto", run_dir, defer=False)
@@ -622,7 +653,13 @@ def find_resumable(run_dir: str | os.PathLike) -> Path | None:
 def resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """A verified checkpoint folder and its index, from itself, a run dir (its newest good
     checkpoint) or a checkpoints/ folder; CheckpointError if there is none."""
-    chosen = choose(str(path), path, defer=False)
+    with holding_skips() as skipped:
+        try:
+            chosen = choose(str(path), path, defer=False)
+        except CheckpointError as e:  # one line: the reasons the damaged ones were passed over in it
+            raise CheckpointError(with_skips(str(e), skipped)) from None
+    for record in skipped:
+        log.handle(record)
     assert chosen is not None  # choose raises for anything but resume=auto
     return chosen
 
@@ -653,9 +690,15 @@ def choose(resume: str, run_dir: str | os.PathLike, rank: int = 0, world: int = 
         if explicit:
             raise CheckpointError(error)
         if rank == 0:
-            log.warning("skipping checkpoint: %s", error)
+            log.warning(SKIPPED + "%s", error)
     if resume == "auto":
         return None
+    if not p.exists():
+        raise CheckpointError(f"{resume} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{resume} is a file, not a checkpoint folder or a run dir")
+    if candidates:  # each was skipped with a warning; resolve and the resume put the reasons in the line
+        raise CheckpointError(f"no checkpoint in {resume} verifies")
     raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
 
 

@@ -66,6 +66,9 @@ def check_out(out: Path, source: str | os.PathLike, ckpt: Path) -> None:
     change a checkpoint's files."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; give a folder")
+    blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # mkdir would fail with NotADirectoryError after the checkpoint was read
+        raise ConfigError(f"--out {out} cannot be created: {blocker} is a file")
     inputs = [Path(source), ckpt]
     if ckpt.parent.name == checkpoint.CKPT_DIR:
         inputs.append(ckpt.parent.parent)  # the run dir of the checkpoint
@@ -81,7 +84,10 @@ def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard
     out = Path(out)
     check_out(out, source if source is not None else ckpt, ckpt)
     state = checkpoint_load.full_model_state(ckpt, index)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only or unwritable parent: one line, not a traceback
+        raise ConfigError(f"--out {out} cannot be created: {e.strerror or e}") from None
     # Never mix old and new files, and never touch a file of another name (a user's model_v1.safetensors).
     for old in out.iterdir():
         if old.is_file() and (old.name in ("model.safetensors", INDEX_NAME) or SHARD_NAME.fullmatch(old.name)):
@@ -156,16 +162,23 @@ def _check_recipe(ckpt: Path, trust: bool) -> None:
         check_saved_recipe(str(cfg_dict.get("recipe", "")), ckpt / "config.yaml", trust, "--trust-recipe")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one ConfigError line (exit 2), not usage text plus SystemExit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"distrain export: {message}")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="distrain export", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="distrain export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run dir (its newest complete checkpoint) or a checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for model.safetensors (+ index) and config.yaml")
     parser.add_argument("--max-shard-size", default=None, help="split into shards of at most this size, e.g. 2GB")
     parser.add_argument("--trust-recipe", action="store_true",
                         help="the run's config names a recipe file outside recipes/ (code that loading the model "
                              "runs): export it anyway")  # fmt: skip
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         size = parse_size(args.max_shard_size) if args.max_shard_size else None
         ckpt, index = checkpoint.resolve(args.source)
         _check_recipe(ckpt, args.trust_recipe)

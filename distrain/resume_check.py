@@ -110,6 +110,16 @@ def saved_config(checkpoint: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def changed_settings(cfg: Config, checkpoint: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """'key old -> new' for each setting under `prefixes` that differs from the checkpoint's config.yaml."""
+    saved = saved_config(checkpoint)
+    if saved is None:
+        return []
+    old, new = flatten(saved), flatten(to_plain(cfg))
+    return [f"{k} {show(old[k])} -> {show(v)}" for k, v in new.items()
+            if k.startswith(prefixes) and k in old and old[k] != v]  # fmt: skip
+
+
 def check(cfg: Config, checkpoint: Path, state: dict[str, Any], plan: BatchPlan, peak_lr: float) -> list[Decision]:
     """Every setting of `cfg` that differs from the checkpoint's, with its verdict, in config order.
 

@@ -278,6 +278,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="distrain slurm submit",
+        allow_abbrev=False,  # --gpus would silently mean --gpus-per-node (Slurm's own --gpus is a total)
         description="Render a Slurm batch script for a recipe and submit it with sbatch.",
     )
     p.add_argument("overrides", nargs="*", help="recipe=<name> and key=value overrides, as for `distrain run`")

@@ -12,15 +12,18 @@ from typing import Any
 from distrain import resume_check
 from distrain.checkpoint import (
     CKPT_DIR,
+    SKIPPED,
     STATE,
     CheckpointError,
     choose,
     find_best,
+    holding_skips,
     read_json,
     save_checkpoint,
     set_aside_future,
     step_dirs,
     versions,
+    with_skips,
 )
 from distrain.checkpoint_load import ChecksumError, check_fits, load_verified
 
@@ -76,47 +79,22 @@ def resume(trainer: Any) -> Path | None:
     config_groups = resume_check.config_hyperparameters(trainer.scheduler)  # before a checkpoint overwrites them
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
-    tried: list[str] = []  # checkpoints that failed while loading them
-    why = ""
-    while True:
-        chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried))
-        if chosen is None and (tried or step_dirs(trainer.run_dir / CKPT_DIR)):
-            # Starting from scratch over damaged checkpoints would silently drop the run's progress
-            # (and, after a partial load, start from a state that is not the fresh one).
-            partly = f"; {tried[-1]} was partly loaded before {why}" if tried else ""
-            raise CheckpointError(f"no checkpoint in {trainer.run_dir / CKPT_DIR} verifies (see the warnings)"
-                                  f"{partly}: move the damaged ones aside to start from scratch")  # fmt: skip
-        if chosen is None:
-            log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
-            return None
-        path, index = chosen
-        state = read_json(path / STATE)
-        model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
-        check_fits(path, index, state, model_state, trainer.recipe.name)
-        best = find_best(path, state, trainer.rank, trainer.world_size)
-        if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
-            best_path, best_index = best
-            try:
-                best_values, _ = load_verified(best_path, model_state, None, best_index, trainer.rank,
-                                               trainer.world_size, verified=True)  # fmt: skip
-                trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
-                trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
-            except CheckpointError as e:  # on every rank alike; the main load below overwrites every tensor
-                if trainer.rank == 0:
-                    log.warning("best checkpoint not usable: %s", e)
+    # The warnings about damaged checkpoints passed over are held: logged once one loads, part of the
+    # one-line error if none does.
+    with holding_skips() as skipped:
         try:
-            model_values, optim_values = load_verified(path, model_state, optim_state, index, trainer.rank,
-                                                       trainer.world_size)  # fmt: skip
-            break
-        except CheckpointError as e:  # on every rank alike (load_verified agrees)
-            if path == Path(cfg.resume):  # the very checkpoint asked for
+            chosen = _first_loadable(trainer)
+        except CheckpointError as e:
+            if not skipped:
                 raise
-            if trainer.rank == 0:
-                log.warning("skipping checkpoint: %s", e)
-            tried.append(path.name)
-            why = "its checksums failed" if isinstance(e, ChecksumError) else "it failed to load"
-    # Changed settings: refused ones raise ConfigError here; the Trainer logs the decisions once train.log exists.
-    trainer.resume_notes = resume_check.check(cfg, path, state, trainer.plan, trainer.lr)
+            raise CheckpointError(with_skips(str(e), skipped)) from None
+    for record in skipped:
+        log.handle(record)
+    if chosen is None:
+        log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
+        return None
+    # The Trainer logs the decisions about changed settings once train.log exists.
+    path, state, model_values, optim_values, trainer.resume_notes = chosen
     trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, model_values, optim_values)
     if state["train_state"].get("best_step") == state["train_state"].get("step"):
         trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
@@ -139,3 +117,54 @@ def resume(trainer: Any) -> Path | None:
     # Last, once nothing can refuse the resume any more: a rewind continues this lineage.
     set_aside_future(path, trainer.run_dir, trainer.rank, trainer.world_size)
     return path
+
+
+def _first_loadable(trainer: Any) -> tuple[Path, dict[str, Any], Any, Any, list[resume_check.Decision]] | None:
+    """(checkpoint, its trainer state, model values, optimizer values, decisions on changed settings)
+    of the checkpoint `resume=` picks, loaded into the live model's tensors; the next good one when
+    one fails to load (auto or a run dir); None for resume=auto with no checkpoint."""
+    cfg = trainer.cfg
+    tried: list[str] = []  # checkpoints that failed while loading them
+    why = ""
+    while True:
+        chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried))
+        if chosen is None and (tried or step_dirs(trainer.run_dir / CKPT_DIR)):
+            # Starting from scratch over damaged checkpoints would silently drop the run's progress
+            # (and, after a partial load, start from a state that is not the fresh one).
+            partly = f"; {tried[-1]} was partly loaded before {why}" if tried else ""
+            raise CheckpointError(f"no checkpoint in {trainer.run_dir / CKPT_DIR} verifies{partly}: move the "
+                                  "damaged ones aside to start from scratch")  # fmt: skip
+        if chosen is None:
+            return None
+        path, index = chosen
+        state = read_json(path / STATE)
+        model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
+        try:
+            check_fits(path, index, state, model_state, trainer.recipe.name)
+        except CheckpointError as e:  # name the settings that made the shapes differ
+            changed = resume_check.changed_settings(cfg, path, ("model.",))
+            raise CheckpointError(f"{e}{'; changed: ' + ', '.join(changed) if changed else ''}") from None
+        # Refused settings (another optimizer, seed, batch) by name, before loading fails on what they changed.
+        notes = resume_check.check(cfg, path, state, trainer.plan, trainer.lr)
+        best = find_best(path, state, trainer.rank, trainer.world_size)
+        if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
+            best_path, best_index = best
+            try:
+                best_values, _ = load_verified(best_path, model_state, None, best_index, trainer.rank,
+                                               trainer.world_size, verified=True)  # fmt: skip
+                trainer.backend.load_checkpoint_state(trainer.model, trainer.optimizer, best_values, None)
+                trainer.best_weights = trainer.backend.local_state_dict(trainer.model)
+            except CheckpointError as e:  # on every rank alike; the main load below overwrites every tensor
+                if trainer.rank == 0:
+                    log.warning("best checkpoint not usable: %s", e)
+        try:
+            model_values, optim_values = load_verified(path, model_state, optim_state, index, trainer.rank,
+                                                       trainer.world_size)  # fmt: skip
+            return path, state, model_values, optim_values, notes
+        except CheckpointError as e:  # on every rank alike (load_verified agrees)
+            if path == Path(cfg.resume):  # the very checkpoint asked for
+                raise
+            if trainer.rank == 0:
+                log.warning(SKIPPED + "%s", e)
+            tried.append(path.name)
+            why = "its checksums failed" if isinstance(e, ChecksumError) else "it failed to load"

@@ -1,10 +1,10 @@
 """Bad input, end to end: exit code 2, exactly one stderr line naming the key, value or path, no
 traceback, and nothing added, changed or removed on disk.
 
-The matrix is grouped by area (config, recipe, dryrun, data, filesystem, sweep). Most cases run
-`distrain.cli.main` in-process under capfd (which sees file-descriptor writes too, so a stray
-log line counts); a few run `python distrain/run.py` as a real process to prove the same there.
-Each case sets up its own inputs in tmp_path, which is also the working directory, so a default
+The matrix is grouped by area (config, recipe, dryrun, data, checkpoint, export, slurm, filesystem,
+sweep). Most cases run `distrain.cli.main` in-process under capfd (which sees file-descriptor
+writes too, so a stray log line counts); a few run `python distrain/run.py` as a real process to
+prove the same there. Each case sets up its own inputs in tmp_path, which is also the working directory, so a default
 `runs/` folder would show up in the snapshot.
 """
 
@@ -444,11 +444,265 @@ def _sweep_cases() -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------- checkpoints (resume)
+
+# One tiny training per module (seconds), copied into each case's folder: checkpoints at steps 2
+# and 4, best/ and the run's files. Trained lazily by the first case that needs it.
+TRAINED = [*TINY_HAR, "train.max_steps=4", "ckpt.every_steps=2"]
+_TRAINED_HOME: list[pytest.TempPathFactory] = []
+_TRAINED_RUN: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _trained_home(tmp_path_factory: pytest.TempPathFactory):
+    """Where the module's one training goes (it runs only if a case asks for it)."""
+    _TRAINED_HOME.append(tmp_path_factory)
+    yield
+    _TRAINED_HOME.clear()
+    _TRAINED_RUN.clear()
+
+
+def trained_run() -> Path:
+    """The module's trained run dir; the training's log handlers are removed again, so the cases'
+    stderr shows only their own lines."""
+    if not _TRAINED_RUN:
+        import logging
+
+        from distrain.recipe import resolve_config
+        from distrain.trainer import Trainer
+
+        run = _TRAINED_HOME[0].mktemp("trained") / "run"
+        logger = logging.getLogger("distrain")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+        try:
+            Trainer(*resolve_config([*TRAINED, f"output_dir={run}"])).train()
+        finally:
+            for h in logger.handlers:
+                if h not in saved[0]:
+                    h.close()
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        _TRAINED_RUN.append(run)
+    return _TRAINED_RUN[0]
+
+
+STEP2, STEP4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
+
+
+def with_run(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
+    """The trained run copied to {tmp}/run, then each edit applied to that copy."""
+
+    def setup(tmp: Path) -> None:
+        import shutil
+
+        shutil.copytree(trained_run(), tmp / "run", symlinks=True)
+        for edit in edits:
+            edit(tmp / "run")
+
+    return setup
+
+
+def flip_byte(rel: str, at: int = -100) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        data = bytearray((run / rel).read_bytes())
+        data[at] ^= 0xFF
+        (run / rel).write_bytes(bytes(data))
+
+    return edit
+
+
+def truncate(rel: str, keep: int) -> Callable[[Path], None]:
+    return lambda run: (run / rel).write_bytes((run / rel).read_bytes()[:keep])
+
+
+def remove(rel: str) -> Callable[[Path], None]:
+    return lambda run: (run / rel).unlink()
+
+
+def remove_tree(rel: str) -> Callable[[Path], None]:
+    import shutil
+
+    return lambda run: shutil.rmtree(run / rel)
+
+
+def edit_json(rel: str, **changes: object) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        import json
+
+        data = json.loads((run / rel).read_text())
+        data.update(changes)
+        (run / rel).write_text(json.dumps(data))
+
+    return edit
+
+
+def _checkpoint_cases() -> list[Case]:
+    res = [*TRAINED[1:], "train.max_steps=6"]  # the trained run's settings, two steps longer
+    new = "output_dir={tmp}/new"  # a fresh run dir for the resumed run
+
+    def ck(id_: str, args: list[str], expect: list[str], *edits: Callable[[Path], None]) -> Case:
+        return Case(f"ckpt-{id_}", ["recipe=har", *res, *args], expect, with_run(*edits))
+
+    at4 = "resume={tmp}/run/" + STEP4
+    return [
+        # wrong before (weak message): "holds no complete checkpoint" for a path that does not exist
+        ck("missing-step", ["resume={tmp}/run/checkpoints/step_00000009", new],
+           ["{tmp}/run/checkpoints/step_00000009 does not exist"]),
+        # wrong before (weak message): "holds no complete checkpoint" for a file
+        ck("a-file", ["resume={tmp}/run/config.yaml", new], ["{tmp}/run/config.yaml is a file"]),
+        ck("not-a-checkpoint", ["resume={tmp}/data", new], ["{tmp}/data holds no complete checkpoint"],
+           lambda run: writer("data/notes.txt", "hello\n")(run.parent)),
+        ck("run-dir-without-checkpoints", ["resume={tmp}/run", new], ["{tmp}/run", "no complete checkpoint"],
+           remove_tree("checkpoints")),
+        ck("auto-without-output-dir", ["resume=auto"], ["resume=auto needs output_dir"]),
+        ck("corrupt-shard", [at4, new], [f"{{tmp}}/run/{STEP4}/shard-00000.safetensors", "checksum"],
+           flip_byte(f"{STEP4}/shard-00000.safetensors")),
+        ck("truncated-shard", [at4, new], [f"{{tmp}}/run/{STEP4}/shard-00000.safetensors", "truncated"],
+           truncate(f"{STEP4}/shard-00000.safetensors", 1000)),
+        ck("truncated-trainer-state", [at4, new], [f"{{tmp}}/run/{STEP4}/trainer_state.json", "truncated"],
+           truncate(f"{STEP4}/trainer_state.json", 40)),
+        ck("edited-config", [at4, new], [f"{{tmp}}/run/{STEP4}/config.yaml", "edited"],
+           lambda run: (run / STEP4 / "config.yaml").write_text(
+               (run / STEP4 / "config.yaml").read_text().replace("seed: 0", "seed: 1"))),
+        ck("no-complete-marker", [at4, new], [f"{{tmp}}/run/{STEP4}", "incomplete"], remove(f"{STEP4}/COMPLETE")),
+        ck("complete-not-json", [at4, new], [f"{{tmp}}/run/{STEP4}/COMPLETE", "unreadable"],
+           lambda run: (run / STEP4 / "COMPLETE").write_bytes(BINARY)),
+        ck("newer-format-version", [at4, new], [f"{{tmp}}/run/{STEP4}", "format version 99"],
+           edit_json(f"{STEP4}/COMPLETE", version=99)),
+        # wrong before: one warning line per damaged checkpoint, then the error ("see the warnings")
+        ck("auto-all-damaged", ["resume=auto", "output_dir={tmp}/run"],
+           ["{tmp}/run/checkpoints verifies", "step_00000002", "checksum"],
+           flip_byte(f"{STEP4}/shard-00000.safetensors"), flip_byte(f"{STEP2}/shard-00000.safetensors")),
+        # wrong before: one line per damaged checkpoint passed over, then the error
+        ck("run-dir-all-damaged", ["resume={tmp}/run", new],
+           ["no checkpoint in {tmp}/run verifies", "step_00000002", "checksum"],
+           flip_byte(f"{STEP4}/shard-00000.safetensors"), flip_byte(f"{STEP2}/shard-00000.safetensors")),
+        # wrong before: the error named the tensor shapes, not the setting that changed them
+        ck("model-width-changed", [at4, "model.width=32", new], [f"{{tmp}}/run/{STEP4}", "model.width"]),
+        ck("seed-changed", [at4, "train.seed=1", new], ["train.seed 0 -> 1", "resume_allow=[train.seed]"]),
+        ck("seed-changed-in-place", [at4, "train.seed=1", "output_dir={tmp}/run"], ["train.seed 0 -> 1"]),
+        # the default run dir runs/har/<time> is created before the resume is refused: it must go again
+        Case("ckpt-seed-changed-default-run-dir", ["recipe=har", *res, at4, "train.seed=1"], ["train.seed 0 -> 1"],
+             with_run()),
+        ck("batch-changed", [at4, "data.batch_size=32", new],
+           ["global_batch 64 -> 32", "resume_allow=[data.batch_size]"]),
+        # wrong before (weak message): "lacks optimizer state ...", not the setting
+        ck("optimizer-changed", [at4, "optim.name=sgd", new], ["optim.name adamw -> sgd", "resume_allow=[optim.name]"]),
+        ck("allow-unknown-key", [at4, "train.seed=1", "resume_allow=[train.sed]", new],
+           ["'train.sed'", "train.seed"]),
+        Case("ckpt-other-recipe", ["recipe=pharma", "resume={tmp}/run/" + STEP4, "train.max_steps=1", new],
+             [f"{{tmp}}/run/{STEP4}", "recipe=har", "recipe=pharma"], with_run()),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- export
+
+FOREIGN = '''"""Someone else's recipe: importing it leaves a file."""
+from pathlib import Path
+Path(__file__).with_name("MARKER").write_text("imported")
+'''
+
+
+def foreign_checkpoint(tmp: Path) -> None:
+    """{tmp}/received: a run whose config names recipe={tmp}/theirs/foreign.py."""
+    import torch
+    import yaml
+
+    from distrain import checkpoint
+
+    code = tmp / "theirs" / "foreign.py"
+    code.parent.mkdir()
+    code.write_text(FOREIGN)
+    state = {"weight": torch.zeros(2, 3)}
+    config = yaml.safe_dump({"recipe": str(code)})
+    checkpoint.save_checkpoint(tmp / "received", "step_00000001", state, {"state": {}, "param_groups": []},
+                               {"step": 1}, config)  # fmt: skip
+    checkpoint.flush_pending()
+
+
+def _export_cases() -> list[Case]:
+    def ex(id_: str, args: list[str], expect: list[str], setup: Callable[[Path], None] | None = with_run()) -> Case:
+        return Case(f"export-{id_}", args, expect, setup, command="export")
+
+    out = ["--out", "{tmp}/out"]
+    return [
+        # wrong before (weak message): "holds no complete checkpoint" for a path that does not exist
+        ex("missing-run-dir", ["{tmp}/nope", *out], ["{tmp}/nope does not exist"], None),
+        ex("run-dir-without-checkpoints", ["{tmp}/run", *out], ["{tmp}/run", "no complete checkpoint"],
+           with_run(remove_tree("checkpoints"))),
+        # wrong before (weak message): as missing-run-dir
+        ex("a-file", ["{tmp}/run/model.safetensors", *out], ["{tmp}/run/model.safetensors is a file"]),
+        # wrong before: "holds no complete checkpoint", and in a real process a warning line per damaged one
+        ex("run-dir-all-damaged", ["{tmp}/run", *out], ["no checkpoint in {tmp}/run verifies", "step_00000002",
+                                                       "checksum"],
+           with_run(flip_byte(f"{STEP4}/shard-00000.safetensors"), flip_byte(f"{STEP2}/shard-00000.safetensors"))),
+        ex("corrupt-checkpoint", ["{tmp}/run/" + STEP4, *out], ["shard-00000.safetensors", "checksum"],
+           with_run(flip_byte(f"{STEP4}/shard-00000.safetensors"))),
+        ex("out-is-a-file", ["{tmp}/run", "--out", "{tmp}/f"], ["--out {tmp}/f", "file"],
+           both(with_run(), writer("f", "x"))),
+        # wrong before: NotADirectoryError traceback
+        ex("out-under-a-file", ["{tmp}/run", "--out", "{tmp}/f/out"], ["{tmp}/f/out", "{tmp}/f is a file"],
+           both(with_run(), writer("f", "x"))),
+        ex("out-inside-run-dir", ["{tmp}/run", "--out", "{tmp}/run/export"], ["--out {tmp}/run/export", "inside"]),
+        ex("out-is-the-checkpoint", ["{tmp}/run/" + STEP4, "--out", "{tmp}/run/" + STEP4], ["--out", "is the input"]),
+        # wrong before: argparse's usage line plus its error (two lines), and SystemExit out of main
+        ex("no-out", ["{tmp}/run"], ["--out"]),
+        # wrong before: as no-out
+        ex("unknown-option", ["{tmp}/run", *out, "--shard-size", "2GB"], ["--shard-size"]),
+        ex("bad-shard-size", ["{tmp}/run", *out, "--max-shard-size", "2XB"], ["--max-shard-size='2XB'"]),
+        ex("recipe-file-untrusted", ["{tmp}/received", *out], ["--trust-recipe", "foreign.py"], foreign_checkpoint),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- slurm
+
+
+def _slurm_cases() -> list[Case]:
+    """`distrain slurm submit`: every case fails before sbatch is called (nothing is submitted)."""
+
+    def sl(id_: str, args: list[str], expect: list[str]) -> Case:
+        return Case(f"slurm-{id_}", ["submit", *args], expect, command="slurm")
+
+    har = ["recipe=har"]
+    return [
+        sl("time-format", [*har, "--time", "4h"], ["--time='4h'", "not a Slurm time"]),
+        sl("time-minutes-60", [*har, "--time", "1:60:00"], ["--time='1:60:00'"]),
+        sl("nodes-zero", [*har, "--nodes", "0"], ["--nodes=0", "out of range"]),
+        sl("nodes-not-a-number", [*har, "--nodes", "two"], ["--nodes", "'two'"]),
+        sl("gpus-negative", [*har, "--gpus-per-node", "-1"], ["--gpus-per-node=-1", "out of range"]),
+        sl("procs-zero", [*har, "--procs", "0"], ["--procs=0", "out of range"]),
+        sl("grace-zero", [*har, "--grace", "0"], ["--grace=0", "out of range"]),
+        sl("multinode-cpu", [*har, "--nodes", "2"], ["--nodes=2", "--gpus-per-node"]),
+        sl("unknown-option", [*har, "--mem", "4G"], ["--mem"]),
+        # wrong before: taken as an abbreviation of --gpus-per-node and submitted (Slurm's --gpus is a total)
+        sl("abbreviated-option", [*har, "--gpus", "2"], ["--gpus"]),
+        sl("partition-space", [*har, "--partition", "a b"], ["--partition='a b'"]),
+        sl("sbatch-arg-bare", [*har, "--sbatch-arg=qos=high"], ["--sbatch-arg='qos=high'", "--key=value"]),
+        sl("launch-config-missing", [*har, "--launch-config", "nope"], ["--launch-config=nope does not exist"]),
+        sl("no-recipe", ["optim.lr=0.01"], ["recipe is required"]),
+        sl("unknown-recipe", ["recipe=harr"], ["recipe='harr'", "did you mean har"]),
+        sl("bad-key", [*har, "optim.lrr=1"], ["'optim.lrr'", "optim.lr"]),
+        sl("bad-value", [*har, "optim.lr=inf"], ["optim.lr=", "finite"]),
+        sl("not-key-value", [*har, "nonsense"], ["'nonsense'", "key=value"]),
+        sl("array-bad-value", [*har, "--array", "optim.lr=abc"], ["optim.lr='abc'"]),
+        sl("log-dir-space", [*har, "--log-dir", "my logs"], ["--log-dir", "my logs"]),
+        Case("slurm-unknown-subcommand", ["sbumit", "recipe=har"], ["'sbumit'", "submit"], command="slurm"),
+    ]
+
+
 GROUPS = {
     "config": _config_cases(),
     "recipe": _recipe_cases(),
     "dryrun": _dryrun_cases(),
     "data": _data_cases(),
+    "checkpoint": _checkpoint_cases(),
+    "export": _export_cases(),
+    "slurm": _slurm_cases(),
     "filesystem": _filesystem_cases(),
     "sweep": _sweep_cases(),
 }
