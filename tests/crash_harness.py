@@ -515,13 +515,13 @@ class ChainResult:
 def expected_codes(kill: Kill, setup: Setup) -> tuple[int, int]:
     """(the ranks' exit code, the command's) for a "signal" kill. accelerate's and torchrun's agent
     passes SIGINT/SIGTERM/SIGHUP on and then exits 1 (so does it when a worker stops on a signal
-    of its own); SIGUSR1 kills the agent, and its workers, re-parented, stop as on SIGHUP (129)."""
+    of its own); SIGUSR1 or SIGKILL kills the agent, and its workers, re-parented, stop as on SIGHUP (129)."""
     sig = signal.Signals[kill.sig]
-    ranks = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGHUP: 129}[sig]
+    ranks = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGHUP: 129}.get(sig, 0)
     if setup.launch is None:
         return ranks, ranks
-    if sig == signal.SIGUSR1 and kill.target in ("launcher", "group", "all"):
-        return (138 if kill.target == "all" else 129), -sig
+    if sig in (signal.SIGUSR1, signal.SIGKILL) and kill.target in ("launcher", "group", "all"):
+        return (ranks if kill.target == "all" else 129), -sig  # the agent died without a word to its workers
     return ranks, 1
 
 

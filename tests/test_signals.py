@@ -7,7 +7,8 @@ signals: SIGINT to the launcher's process group (what a terminal's Ctrl-C reache
 which passes it on, since torch's agent starts its workers in sessions of their own), SIGINT to
 the launcher and every worker at once (a Ctrl-C the launcher echoes: one interrupt, not two),
 SIGTERM and SIGUSR1 to the launcher (SIGUSR1 kills accelerate's and torchrun's agent: the
-workers notice their launcher is gone), SIGTERM to the workers, SIGUSR1 to one rank, and a
+workers notice their launcher is gone, as after a SIGKILL to it), SIGTERM to the workers,
+SIGUSR1 to one rank, and a
 signal to the launcher from inside an evaluation and inside a save (DISTRAIN_CRASH_AT), which
 must stop the run at that step rather than a step later.
 
@@ -23,7 +24,7 @@ from dataclasses import replace
 import pytest
 from crash_harness import SETUPS, Kill, reference, run_kills, under_torchrun
 
-STEPS = ("train.max_steps=32",)  # room for eight stops of two or three steps each
+STEPS = ("train.max_steps=36",)  # room for nine stops of two or three steps each
 
 ALL_TARGETS = [
     Kill("signal", sig="SIGINT", target="group", rows=2),
@@ -32,11 +33,12 @@ ALL_TARGETS = [
     Kill("signal", sig="SIGUSR1", target="launcher", rows=2),
     Kill("signal", sig="SIGTERM", target="workers", rows=2),
     Kill("signal", sig="SIGUSR1", target="rank1", rows=2),
+    Kill("signal", sig="SIGKILL", target="launcher", rows=2),
     Kill("signal", sig="SIGTERM", target="launcher", stage="eval"),
     Kill("signal", sig="SIGINT", target="group", stage="before_complete"),
 ]
 # The launcher-facing ones again, for the two other pairs of backend and launcher.
-LAUNCHER_FACING = [ALL_TARGETS[i] for i in (0, 2, 3, 6)]
+LAUNCHER_FACING = [ALL_TARGETS[i] for i in (0, 2, 3, 7)]
 ONE_PROCESS = [
     Kill("signal", sig="SIGINT", target="group", rows=2),
     Kill("signal", sig="SIGTERM", target="launcher", rows=2),
@@ -66,3 +68,24 @@ def test_every_signal_saves_once_and_resumes_exactly(plan, tmp_path):
     failed = [v.line(plan, i) for i, v in enumerate(result.verdicts, 1) if not v.exact]
     assert not failed and not result.problems, "\n".join([*failed, *result.problems])
     assert len(result.verdicts) == len(kills)
+
+
+def test_an_ignored_sighup_stays_ignored_and_a_dead_launcher_is_noticed(monkeypatch):
+    """Under `nohup` (SIGHUP ignored) closing the terminal must not stop a run; a worker whose
+    launcher died (re-parented: another parent pid) stops as on SIGHUP, with exit code 129."""
+    import os
+    import signal
+
+    from distrain.signals import InterruptFlag
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    flag = InterruptFlag().install()
+    try:
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert flag.poll() == 0 and flag.launcher_pid == os.getppid()
+        flag.launcher_pid = os.getppid() + 100_000  # as if the parent had changed
+        assert flag.poll() == signal.SIGHUP and flag.exit_code == 129 and flag.launcher_gone
+    finally:
+        flag.restore()
+        signal.signal(signal.SIGHUP, previous)
