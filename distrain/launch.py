@@ -193,7 +193,7 @@ def check_mismatch(options: list[str], args: argparse.Namespace, config_path: st
     if getattr(args, "mpirun_hostfile", None):
         return  # mpirun starts the N processes
     n = args.num_processes or 1
-    if n <= 1 and (args.num_machines or 1) <= 1:
+    if n <= 1:
         return
     given = "--num_processes" if any(o.split("=")[0] in ("--num_processes", "--num-processes") for o in options) \
         else f"num_processes in {config_path}"  # fmt: skip
@@ -236,6 +236,22 @@ def as_exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def root_cause(failures: dict[int, Any]) -> tuple[int, Any, bool]:
+    """(rank, ProcessFailure, killed by a signal) of the rank that failed first, whatever its peers did next.
+
+    A rank killed by a signal comes first (rank 0 then raises a lost gloo connection, exit 1), then
+    one that exited non-zero; one killed by SIGTERM comes last: that is the agent stopping the
+    survivors (distrain's own SIGTERM handler would have exited 143).
+    """
+
+    def order(item: tuple[int, Any]) -> tuple[int, int]:
+        rank, f = item
+        return (0 if f.exitcode < 0 and f.exitcode != -signal.SIGTERM else 1 if f.exitcode > 0 else 2), rank
+
+    rank, failure = min(failures.items(), key=order)
+    return rank, failure, order((rank, failure))[0] == 0
+
+
 def signal_name(signum: int) -> str:
     with contextlib.suppress(ValueError):
         return signal.Signals(signum).name
@@ -264,9 +280,9 @@ def run_distributed(options: list[str], recipe_args: list[str]) -> int:
             return 128 + int(e.sigval)
         except ChildFailedError as e:
             code = read_status(status)
-            if code:  # rank 0 reported its own failure (a 0 with a failed peer is the peer's failure)
-                return code
-            rank, failure = e.get_first_failure()
+            rank, failure, killed = root_cause(e.failures)
+            if code and (code != 1 or not killed):
+                return code  # rank 0's own code (a 0 with a failed peer is the peer's failure)
             code = as_exit_code(failure.exitcode)
             how = f"was killed by {signal_name(-failure.exitcode)}" if failure.exitcode < 0 else f"exited {code}"
             print(f"error: training process rank {rank} (pid {failure.pid}) {how}; see its log above",
@@ -280,8 +296,39 @@ def run_distributed(options: list[str], recipe_args: list[str]) -> int:
         code = read_status(status)
         return 0 if code is None else code
     finally:
+        reap_workers()
         os.environ.pop("DISTRAIN_LAUNCH_STATUS", None)
         shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def reap_workers() -> None:
+    """Wait for training processes the agent left running (a second signal cut its shutdown short),
+    passing further signals on, so that none outlives this command; SIGKILL after the timeout."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if str(RUN_PY) in child.cmdline():
+                workers.append(child)
+    if not workers:
+        return
+
+    def forward(signum: int, frame: object) -> None:
+        for p in workers:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signum)
+
+    previous = {name: signal.signal(getattr(signal, name), forward) for name in FORWARDED}
+    timeout = int(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
+    try:
+        _, alive = psutil.wait_procs(workers, timeout=timeout)
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def exec_single(args: argparse.Namespace) -> typing.NoReturn:
@@ -300,10 +347,12 @@ def exec_single(args: argparse.Namespace) -> typing.NoReturn:
 
 def launch(argv: list[str]) -> int:
     options, recipe_args = split_argv(argv)
-    if any(o in ("-h", "--help") for o in options) or not recipe_args:
+    if any(o in ("-h", "--help") for o in options):
         print(USAGE)
         print("accelerate launch options: see `accelerate launch --help`; exit codes: distrain's (README: Launching)")
-        return 0 if recipe_args or argv else 2
+        return 0
+    if not recipe_args:
+        raise ConfigError(f"no recipe given; {USAGE[7:]}")
     args = parse_launch_args(options, recipe_args)
     config_path = config_file_of(args)
     config = read_launch_config(config_path) if config_path is not None else None

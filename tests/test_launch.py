@@ -259,3 +259,63 @@ def test_signal_to_distrain_launch_saves_once_and_exits_with_distrains_code(sign
     assert (out / "checkpoints" / f"step_{stop:08d}" / "COMPLETE").is_file()
     alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
+
+
+# ------------------------------------------------------------------ the agent's exceptions -> distrain's code
+
+
+def _fake_agent(monkeypatch, status_code: int | None, raised: Exception | None) -> dict[str, str]:
+    """accelerate's launch_command replaced by one that writes rank 0's status and raises what the agent would."""
+    import accelerate.commands.launch as accelerate_launch
+
+    seen: dict[str, str] = {}
+
+    def launch_command(args):
+        seen.update({k: os.environ[k] for k in ("PET_SIGNALS_TO_HANDLE", "PET_SHUTDOWN_TIMEOUT")})
+        if status_code is not None:
+            Path(os.environ["DISTRAIN_LAUNCH_STATUS"]).write_text(json.dumps({"exit_code": status_code}))
+        if raised is not None:
+            raise raised
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", launch_command)
+    return seen
+
+
+def _child_failed(**codes: int):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {int(r[4:]): ProcessFailure(int(r[4:]), 1000 + int(r[4:]), c, "<N/A>") for r, c in codes.items()}
+    return ChildFailedError("run.py", failures)
+
+
+@pytest.mark.parametrize(
+    "status, raised, code, stderr",
+    [
+        (143, "signal", 143, None),  # the ranks saved and exited 143; the agent re-raised SIGTERM
+        (None, "signal", 143, "got SIGTERM"),  # no rank reported
+        (2, "child", 2, None),  # rank 0's own refusal
+        (1, "child_killed", 137, "rank 1 (pid 1001) was killed by SIGKILL"),  # rank 0 lost its peer
+        (None, "child_exit", 3, "rank 1 (pid 1001) exited 3"),
+        (0, None, 0, None),
+    ],
+    ids=["status_after_signal", "signal_no_status", "status_2", "peer_killed", "peer_exit", "done"],
+)  # fmt: skip
+def test_launch_returns_distrains_exit_code_not_the_agents(status, raised, code, stderr, cwd, monkeypatch, capfd):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    exc = {"signal": SignalException("sigterm", signal.SIGTERM), "child": _child_failed(rank0=2, rank1=-15),
+           "child_killed": _child_failed(rank0=-15, rank1=-9), "child_exit": _child_failed(rank0=-15, rank1=3),
+           None: None}[raised]  # fmt: skip
+    monkeypatch.delenv("PET_SIGNALS_TO_HANDLE", raising=False)
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    seen = _fake_agent(monkeypatch, status, exc)
+    code_got, lines = launch_in_process(capfd, ["--config_file", str(CONFIGS / "cpu_ddp.yaml"), *TINY_HAR])
+    assert code_got == code
+    if stderr is None:
+        assert lines == []
+    else:
+        assert_one_line(lines, stderr)
+    assert "SIGUSR1" in seen["PET_SIGNALS_TO_HANDLE"].split(",") and "SIGTERM" in seen["PET_SIGNALS_TO_HANDLE"]
+    assert int(seen["PET_SHUTDOWN_TIMEOUT"]) >= 300
+    assert "DISTRAIN_LAUNCH_STATUS" not in os.environ and not any(cwd.iterdir())
