@@ -319,3 +319,35 @@ def test_launch_returns_distrains_exit_code_not_the_agents(status, raised, code,
     assert "SIGUSR1" in seen["PET_SIGNALS_TO_HANDLE"].split(",") and "SIGTERM" in seen["PET_SIGNALS_TO_HANDLE"]
     assert int(seen["PET_SHUTDOWN_TIMEOUT"]) >= 300
     assert "DISTRAIN_LAUNCH_STATUS" not in os.environ and not any(cwd.iterdir())
+
+
+@pytest.mark.parametrize("launcher_argv, refused", [
+    (["--config_file", str(CONFIGS / "single_gpu.yaml")], False),  # num_processes: 1 in the file
+    (["--num_processes", "1"], False),
+    (["--num_processes=2"], True),
+    (["--config_file", "NO_TWO"], True),
+])  # fmt: skip
+def test_master_port_from_the_shell_is_not_taken_for_a_launcher(launcher_argv, refused, cwd, tmp_path, monkeypatch):
+    """The simple launcher's signature (MASTER_PORT + accelerate's env) counts only where the parent
+    `accelerate launch` was asked for more than one process (or where that cannot be read)."""
+    no_two = tmp_path / "no_two.yaml"
+    no_two.write_text("distributed_type: 'NO'\nnum_processes: 2\n")
+    argv = [str(no_two) if a == "NO_TWO" else a for a in launcher_argv]
+    parent = subprocess.Popen(["bash", "-c", 'exec -a /venv/bin/accelerate "$0" -c "import time; time.sleep(30)" "$@"',
+                               sys.executable, "launch", *argv])
+    try:
+        monkeypatch.setattr(os, "getppid", lambda: parent.pid)
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+        for _ in range(500):  # until bash has exec'd
+            if Path(f"/proc/{parent.pid}/cmdline").read_bytes().startswith(b"/venv/bin/accelerate\0"):
+                break
+            time.sleep(0.01)
+        if refused:
+            with pytest.raises(LaunchError, match="asked for 2 processes"):
+                requested_world_size()
+        else:
+            assert requested_world_size() is None
+    finally:
+        parent.kill()
+        parent.wait()
