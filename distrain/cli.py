@@ -58,9 +58,10 @@ def run_main(argv: list[str]) -> int:
 
 
 def _rank() -> int:
-    """This process's rank as the launcher set it (before accelerate starts: errors come first)."""
-    value = os.environ.get("RANK", "0")
-    return int(value) if value.isdigit() else 0
+    """This process's rank as the launcher set it (before accelerate starts: errors come first);
+    0 without a WORLD_SIZE above 1, so a RANK left in the shell never silences a lone process."""
+    world, rank = os.environ.get("WORLD_SIZE", ""), os.environ.get("RANK", "")
+    return int(rank) if world.isdigit() and int(world) > 1 and rank.isdigit() else 0
 
 
 def write_launch_status(code: int) -> None:

@@ -193,11 +193,16 @@ def test_run_main_reports_its_exit_code_to_the_launch_status_file(cwd, tmp_path,
     monkeypatch.setenv("DISTRAIN_LAUNCH_STATUS", str(status))
     assert cli.main(["run", *TINY_HAR, "optim.lr=x"]) == 2
     assert json.loads(status.read_text()) == {"exit_code": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["cwd", "status.json"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "status.json"]  # no temp file left
+    capfd.readouterr()
     status.unlink()
-    monkeypatch.setenv("RANK", "1")  # other ranks neither print nor report
+    monkeypatch.setenv("RANK", "1")  # a RANK left in the shell alone does not silence a lone process
     assert cli.main(["run", *TINY_HAR, "optim.lr=x"]) == 2
-    assert not status.exists() and capfd.readouterr().err.count("error:") == 1
+    assert json.loads(status.read_text()) == {"exit_code": 2} and capfd.readouterr().err.count("error:") == 1
+    status.unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # other ranks of a launched run neither print nor report
+    assert cli.main(["run", *TINY_HAR, "optim.lr=x"]) == 2
+    assert not status.exists() and capfd.readouterr().err == ""  # rank 0 says it once
 
 
 # ------------------------------------------------------------------ distrain launch end to end
