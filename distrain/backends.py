@@ -29,18 +29,80 @@ class LaunchError(RuntimeError):
 
 
 def requested_world_size() -> int | None:
-    """World size the launcher was asked for, read from the variables each launcher sets."""
+    """World size the launcher was asked for, read from the variables each launcher sets.
+
+    Raises LaunchError where the variables show a launch that cannot give that world: WORLD_SIZE>1
+    without the rendezvous a launcher sets, or accelerate's simple launcher asked for N>1 processes.
+    """
     for var in ("DISTRAIN_WORLD_SIZE", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(var):
-            return int(os.environ[var])
-    # `accelerate launch --cpu --num_processes N` sets MASTER_PORT and expects mpirun to fork;
-    # without it, exactly one process runs.
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_PORT"):
-        raise LaunchError(
-            "accelerate launch --cpu --num_processes N runs ONE process without mpirun; use "
-            "--config_file launch_configs/cpu_ddp.yaml (or --multi_gpu with ACCELERATE_USE_CPU=1)"
-        )
+            world = int(os.environ[var])
+            if var == "WORLD_SIZE" and world > 1:
+                _check_rendezvous(world)
+            return world
+    _check_simple_launcher()
     return None
+
+
+def _check_rendezvous(world: int) -> None:
+    """torchrun, accelerate launch and distrain launch set all of these with WORLD_SIZE; a WORLD_SIZE
+    left in the shell alone would make torch wait for ranks that were never started."""
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise LaunchError(
+            f"WORLD_SIZE={world} is set but no launcher started this process ({', '.join(missing)} unset): "
+            "start it with accelerate launch/torchrun/distrain launch, or unset WORLD_SIZE"
+        )
+
+
+def _check_simple_launcher() -> None:
+    """accelerate's simple launcher (distributed_type NO, or --cpu without --multi_gpu) starts ONE process
+    even when asked for more; it then still sets MASTER_PORT (for mpirun, which it runs only with
+    --mpirun_hostfile, and which sets OMPI/PMI sizes) and its own ACCELERATE_DYNAMO_BACKEND."""
+    if not (os.environ.get("MASTER_PORT") and os.environ.get("ACCELERATE_DYNAMO_BACKEND")):
+        return
+    asked = _launcher_num_processes()
+    if asked is not None and asked <= 1:
+        return  # MASTER_PORT came from the user's shell, not from a launcher asked for N
+    n = f"{asked} processes" if asked else "more than one process"
+    how = "--cpu --num_processes N" if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" else (
+        "a launch config with distributed_type NO")  # fmt: skip
+    raise LaunchError(
+        f"accelerate launch was asked for {n} but {how} runs ONE process; use --config_file "
+        "launch_configs/cpu_ddp.yaml on CPU, launch_configs/multi_gpu.yaml (or --multi_gpu) on GPUs"
+    )
+
+
+def _launcher_num_processes() -> int | None:
+    """The process count the parent `accelerate launch` was asked for (--num_processes, else its config
+    file's num_processes); None where that cannot be read. Best effort, from /proc."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if not any("accelerate" in os.path.basename(a) for a in argv[:3]):
+        return None
+    values: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        name = name.replace("-", "_").lstrip("_")
+        if name in ("num_processes", "config_file"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            values.setdefault(name, value)
+    if values.get("num_processes", "").isdigit():
+        return int(values["num_processes"])
+    if "config_file" not in values:
+        return None
+    import yaml
+
+    try:
+        with open(values["config_file"], encoding="utf-8") as f:
+            n = yaml.safe_load(f).get("num_processes")
+    except (OSError, AttributeError, ValueError, yaml.YAMLError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _check_precision(cfg: Config) -> None:

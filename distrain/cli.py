@@ -7,7 +7,11 @@ Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr), 3 launc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import logging
+import os
 import sys
 
 from distrain.config import ConfigError
@@ -22,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "slurm": ("distrain.slurm", "main", "submit a recipe to Slurm: distrain slurm submit recipe=har --time 01:00:00"),
     "export": ("distrain.export", "main", "consolidated weights for inference: distrain export <run dir> --out <dir>"),
     "sweep": ("distrain.sweep", "main", "Optuna hyperparameter search (each trial a run): distrain sweep --help"),
+    "launch": ("distrain.launch", "main", "checked accelerate launch: distrain launch --config_file <yaml> recipe=har"),
 }
 
 USAGE = "usage: distrain <command> [args]\n\ncommands:\n"
@@ -33,7 +38,55 @@ def error(message: str) -> int:
 
 
 def run_main(argv: list[str]) -> int:
-    """Train one recipe. `--help` or print_config=true prints the resolved config instead."""
+    """Train one recipe. `--help` or print_config=true prints the resolved config instead.
+
+    Under `distrain launch`, rank 0 also writes its exit code to the file DISTRAIN_LAUNCH_STATUS
+    names, on every way out, so the launch command can return distrain's code, not the agent's.
+    """
+    code = 1  # an exception escaping below is a traceback, exit 1
+    try:
+        code = _run(argv)
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    finally:
+        write_launch_status(code)
+    return leave_process_group(code)
+
+
+def _rank() -> int:
+    """This process's rank as the launcher set it (before accelerate starts: errors come first);
+    0 without a WORLD_SIZE above 1, so a RANK left in the shell never silences a lone process."""
+    world, rank = os.environ.get("WORLD_SIZE", ""), os.environ.get("RANK", "")
+    return int(rank) if world.isdigit() and int(world) > 1 and rank.isdigit() else 0
+
+
+def write_launch_status(code: int) -> None:
+    """Rank 0's exit code into DISTRAIN_LAUNCH_STATUS (set by `distrain launch`), atomically."""
+    path = os.environ.get("DISTRAIN_LAUNCH_STATUS")
+    if not path or _rank() != 0:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"exit_code": int(code)}, f)
+        os.replace(tmp, path)
+    except OSError:  # the launcher then falls back to the ranks' own exit codes
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _refuse(message: str, code: int) -> int:
+    """A bad-input or launch error raised on every rank at once: one line (rank 0's), every rank exits."""
+    if _rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     from distrain.config import describe
     from distrain.recipe import available_recipes, resolve_config
 
@@ -46,7 +99,7 @@ def run_main(argv: list[str]) -> int:
     try:
         cfg, recipe = resolve_config(argv)
     except ConfigError as e:
-        return error(str(e))
+        return _refuse(str(e), 2)
     if wants_help or cfg.print_config:
         print(f"# recipe {recipe.name}: {recipe.description}")
         print(describe(cfg))
@@ -54,21 +107,35 @@ def run_main(argv: list[str]) -> int:
     from distrain.backends import LaunchError
     from distrain.trainer import Trainer, TrainingError
 
+    # Trainer() raises its ConfigErrors and LaunchErrors on every rank (rank 0's refusals are
+    # broadcast), so each rank may go on to leave_process_group's barrier.
     try:
         trainer = Trainer(cfg, recipe)
     except ConfigError as e:
-        return error(str(e))
+        return _refuse(str(e), 2)
     except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _refuse(str(e), 3)
     try:
         summary = trainer.train()
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ConfigError as e:  # found while training: a metric name, a failed checkpoint write
-        return error(str(e))
-    return leave_process_group(int(summary.get("exit_code", 0)))
+    except ConfigError as e:  # found while training (a failed checkpoint write), maybe on one rank only
+        error(str(e))
+        _exit_alone(2)
+    return int(summary.get("exit_code", 0))
+
+
+def _exit_alone(code: int) -> None:
+    """Leave without the barrier, which a rank that did not fail might never reach."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        write_launch_status(code)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def leave_process_group(code: int) -> int:
@@ -79,9 +146,6 @@ def leave_process_group(code: int) -> int:
     in 20 here). Everything is written and closed at this point, so after a barrier the ranks
     leave with os._exit, which skips those destructors.
     """
-    import logging
-    import os
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
