@@ -61,7 +61,7 @@ class Setup:
     name: str
     launch: str | None  # launch_configs/<launch>.yaml, None: one process
     args: tuple[str, ...]
-    launcher: str = "accelerate"  # or "torchrun" (2 processes, the launch config's backend from env)
+    launcher: str = "accelerate"  # "torchrun" (2 processes, the launch config's backend from env), "distrain"
 
     @property
     def steps(self) -> int:
@@ -87,9 +87,9 @@ def constant_lr(setup: Setup, steps: int | None = None) -> Setup:
     return replace(setup, args=(*setup.args, *more))
 
 
-def under_torchrun(setup: Setup) -> Setup:
-    """The setup started by `torchrun --nproc_per_node 2` instead of `accelerate launch`."""
-    return replace(setup, name=f"{setup.name}-torchrun", launcher="torchrun")
+def under(launcher: str, setup: Setup) -> Setup:
+    """The setup started by `torchrun --nproc_per_node 2` or `distrain launch` instead of `accelerate launch`."""
+    return replace(setup, name=f"{setup.name}-{launcher}", launcher=launcher)
 
 
 @dataclass
@@ -139,6 +139,9 @@ def command(setup: Setup, args: list[str], port: int) -> list[str]:
         return [sys.executable, str(RUN_PY), *args]
     if setup.launcher == "torchrun":
         return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), str(RUN_PY), *args]
+    if setup.launcher == "distrain":
+        return [str(BIN / "distrain"), "launch", "--config_file", str(REPO / "launch_configs" / f"{setup.launch}.yaml"),
+                "--main_process_port", str(port), *args]  # fmt: skip
     return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch_configs" / f"{setup.launch}.yaml"),
             "--main_process_port", str(port), str(RUN_PY), *args]  # fmt: skip
 
@@ -515,13 +518,16 @@ class ChainResult:
 def expected_codes(kill: Kill, setup: Setup) -> tuple[int, int]:
     """(the ranks' exit code, the command's) for a "signal" kill. accelerate's and torchrun's agent
     passes SIGINT/SIGTERM/SIGHUP on and then exits 1 (so does it when a worker stops on a signal
-    of its own); SIGUSR1 or SIGKILL kills the agent, and its workers, re-parented, stop as on SIGHUP (129)."""
+    of its own); SIGUSR1 or SIGKILL kills the agent, and its workers, re-parented, stop as on SIGHUP
+    (129). `distrain launch` forwards SIGUSR1 too and exits with the ranks' code."""
     sig = signal.Signals[kill.sig]
     ranks = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGHUP: 129}.get(sig, 0)
-    if setup.launch is None:
+    if sig == signal.SIGKILL and setup.launch is not None:
+        return 129, -sig  # the agent died without a word to its workers
+    if setup.launch is None or setup.launcher == "distrain":  # distrain launch forwards SIGUSR1 too
         return ranks, ranks
-    if sig in (signal.SIGUSR1, signal.SIGKILL) and kill.target in ("launcher", "group", "all"):
-        return (ranks if kill.target == "all" else 129), -sig  # the agent died without a word to its workers
+    if sig == signal.SIGUSR1 and kill.target in ("launcher", "group", "all"):
+        return (ranks if kill.target == "all" else 129), -sig
     return ranks, 1
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from crash_harness import SETUPS, Kill, reference, run_kills, under_torchrun
+from crash_harness import SETUPS, Kill, reference, run_kills, under
 
 STEPS = ("train.max_steps=36",)  # room for nine stops of two or three steps each
 
@@ -51,8 +51,9 @@ ONE_PROCESS = [
 PLANS = {
     "single": (SETUPS["single"], ONE_PROCESS),
     "ddp-accelerate": (SETUPS["ddp"], ALL_TARGETS),
-    "fsdp2-torchrun": (under_torchrun(SETUPS["fsdp2"]), ALL_TARGETS),
-    "ddp-torchrun": (under_torchrun(SETUPS["ddp"]), LAUNCHER_FACING),
+    "fsdp2-torchrun": (under("torchrun", SETUPS["fsdp2"]), ALL_TARGETS),
+    "ddp-distrain-launch": (under("distrain", SETUPS["ddp"]), ALL_TARGETS),
+    "ddp-torchrun": (under("torchrun", SETUPS["ddp"]), LAUNCHER_FACING),
     "fsdp2-accelerate": (SETUPS["fsdp2"], LAUNCHER_FACING),
 }
 
