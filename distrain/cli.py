@@ -2,7 +2,7 @@
 
 Subcommands are imported lazily so that `distrain run` pays only for what training needs.
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr), 3 launch mismatch,
-130/143/138 interrupted by SIGINT/SIGTERM/SIGUSR1 after saving.
+130/143/138/129 interrupted by SIGINT/SIGTERM/SIGUSR1/SIGHUP (or a dead launcher) after saving.
 """
 
 from __future__ import annotations

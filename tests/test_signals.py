@@ -4,17 +4,16 @@ the resumed run continues bitwise, and no process is left behind.
 One chain of segments per setup (tests/crash_harness.py): each segment is ended by one signal,
 the next resumes it, and every segment's rows must equal one uninterrupted run's bitwise. The
 signals: SIGINT to the launcher's process group (what a terminal's Ctrl-C reaches: the launcher,
-which passes it on, since torch's agent starts its workers in sessions of their own), SIGINT to
-the launcher and every worker at once (a Ctrl-C the launcher echoes: one interrupt, not two),
-SIGTERM and SIGUSR1 to the launcher (SIGUSR1 kills accelerate's and torchrun's agent: the
-workers notice their launcher is gone, as after a SIGKILL to it), SIGTERM to the workers,
-SIGUSR1 to one rank, and a
-signal to the launcher from inside an evaluation and inside a save (DISTRAIN_CRASH_AT), which
-must stop the run at that step rather than a step later.
+which passes it on, since torch's agent starts its workers in sessions of their own); SIGINT to
+the launcher and every worker at once (a Ctrl-C the launcher echoes: one interrupt, not two);
+SIGTERM, SIGUSR1 and SIGKILL to the launcher (SIGUSR1 and SIGKILL kill accelerate's and
+torchrun's agent: the workers notice their launcher is gone); SIGTERM to the workers; SIGUSR1
+to one rank; and a signal to the launcher from inside an evaluation and inside a save
+(DISTRAIN_CRASH_AT), which must stop the run at that step rather than a step later.
 
-Exit codes: a plain `python distrain/run.py` exits 130/143/138/129 itself; under accelerate
-launch or torchrun the ranks exit with those codes and the agent decides its own (1, or killed
-by SIGUSR1), as the README's "Stopping and resuming" says.
+Exit codes (crash_harness.expected_codes): `python distrain/run.py` and `distrain launch` exit
+130/143/138/129 themselves; under accelerate launch or torchrun the ranks exit with those codes
+and the agent decides its own (1, or killed by SIGUSR1), as the README's "Stopping" says.
 """
 
 from __future__ import annotations
