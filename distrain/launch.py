@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,13 +214,25 @@ def check_mismatch(options: list[str], args: argparse.Namespace, config_path: st
 # ------------------------------------------------------------------ running
 
 
-def agent_env() -> None:
+@contextlib.contextmanager
+def agent_env(status: Path) -> Iterator[None]:
     """torch elastic's options from env (its parser reads PET_*): forward every signal distrain handles,
-    and give the workers time to save before the agent SIGKILLs them; a user's own settings stay."""
+    and give the workers time to save before the agent SIGKILLs them; a user's own settings stay.
+    Also where rank 0 reports its exit code. The environment is put back afterwards (in-process callers)."""
+    saved = {k: os.environ.get(k) for k in ("PET_SIGNALS_TO_HANDLE", "PET_SHUTDOWN_TIMEOUT", "DISTRAIN_LAUNCH_STATUS")}
     asked = [s.strip() for s in os.environ.get("PET_SIGNALS_TO_HANDLE", "").split(",") if s.strip()]
     os.environ["PET_SIGNALS_TO_HANDLE"] = ",".join(dict.fromkeys([*asked, *FORWARDED]))
     if not (os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")):
         os.environ["PET_SHUTDOWN_TIMEOUT"] = str(SHUTDOWN_TIMEOUT_S)
+    os.environ["DISTRAIN_LAUNCH_STATUS"] = str(status)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def read_status(path: Path) -> int | None:
@@ -264,13 +277,12 @@ def run_distributed(options: list[str], recipe_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    agent_env()
     status_dir = Path(tempfile.mkdtemp(prefix="distrain-launch-"))
     status = status_dir / "status.json"
-    os.environ["DISTRAIN_LAUNCH_STATUS"] = str(status)
     try:
         try:
-            launch_command(parse_launch_args(options, recipe_args))
+            with agent_env(status):
+                launch_command(parse_launch_args(options, recipe_args))
         except SignalException as e:
             code = read_status(status)
             if code is not None:
@@ -297,7 +309,6 @@ def run_distributed(options: list[str], recipe_args: list[str]) -> int:
         return 0 if code is None else code
     finally:
         reap_workers()
-        os.environ.pop("DISTRAIN_LAUNCH_STATUS", None)
         shutil.rmtree(status_dir, ignore_errors=True)
 
 

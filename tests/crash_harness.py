@@ -240,7 +240,8 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     n_lines, n_events = len(read_lines(metrics)), sum('"event"' in x for x in read_lines(metrics))
     n_log = len(read_lines(log))
     tmp_before = _tmp_dirs(run_dir)
-    env = {**os.environ, **ENV}
+    # torch elastic's own defaults (what accelerate launch and torchrun do unless told otherwise)
+    env = {k: v for k, v in {**os.environ, **ENV}.items() if not k.startswith(("PET_", "TORCH_ELASTIC_"))}
     crash_step = None
     predicted = newest_complete(run_dir)
     if setup.launcher == "torchrun" and setup.launch == "cpu_fsdp":
@@ -549,6 +550,9 @@ def signal_problems(seg: Segment, setup: Setup) -> list[str]:
                             f"stopped at {seg.interrupted_at}")
         if seg.left_behind:
             problems.append(f"{seg.left_behind} processes left running")
+        segment_output = seg.output.rsplit("=== segment:", 1)[-1]
+        if (setup.launch is None or setup.launcher == "distrain") and "Traceback" in segment_output:
+            problems.append("a traceback in the output")
         return problems
     _, want = SIGNALS[seg.kill.kind]
     problems = []

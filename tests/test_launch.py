@@ -324,6 +324,7 @@ def test_launch_returns_distrains_exit_code_not_the_agents(status, raised, code,
     assert "SIGUSR1" in seen["PET_SIGNALS_TO_HANDLE"].split(",") and "SIGTERM" in seen["PET_SIGNALS_TO_HANDLE"]
     assert int(seen["PET_SHUTDOWN_TIMEOUT"]) >= 300
     assert "DISTRAIN_LAUNCH_STATUS" not in os.environ and not any(cwd.iterdir())
+    assert "PET_SIGNALS_TO_HANDLE" not in os.environ and "PET_SHUTDOWN_TIMEOUT" not in os.environ  # put back
 
 
 @pytest.mark.parametrize("launcher_argv, refused", [
