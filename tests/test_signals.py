@@ -36,8 +36,9 @@ ALL_TARGETS = [
     Kill("signal", sig="SIGTERM", target="launcher", stage="eval"),
     Kill("signal", sig="SIGINT", target="group", stage="before_complete"),
 ]
-# The launcher-facing ones again, for the two other pairs of backend and launcher.
-LAUNCHER_FACING = [ALL_TARGETS[i] for i in (0, 2, 3, 7)]
+# The launcher-facing ones again, for the two other pairs of backend and launcher (distrain launch's
+# own signal handling: the ddp-distrain-launch chain).
+LAUNCHER_FACING = [ALL_TARGETS[i] for i in (2, 3, 7)]
 ONE_PROCESS = [
     Kill("signal", sig="SIGINT", target="group", rows=2),
     Kill("signal", sig="SIGTERM", target="launcher", rows=2),
