@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,7 +51,7 @@ from distrain.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.recipe import Recipe, StepOutput
 from distrain.resume_check import Decision
 from distrain.rng import seed_step
-from distrain.signals import EXIT_CODES, InterruptFlag
+from distrain.signals import InterruptFlag
 from distrain.throughput import count_flops, mfu, peak_flops
 from distrain.weights import save_weights
 
@@ -363,31 +362,27 @@ class Trainer:
         loss_finite = math.isfinite(float(loss))  # a host sync: waits for the backward on CUDA too,
         backward_done = time.perf_counter()  # so the time split is real
         grad_norm, applied = self.backend.step(self.model, self.optimizer, self.cfg.train.clip_norm, loss_finite)
-        interrupt = self._agreed_exit_code(flag > 0)
+        interrupt = self._agreed_exit_code() if flag > 0 else 0  # every rank sees the same summed flag
         return StepResult(loss=loss, grad_norm=float(grad_norm), applied=applied, loss_finite=loss_finite,
                           interrupt=interrupt, tokens=tokens if self.recipe.tokens is not None else 0,
                           backward_done=backward_done)  # fmt: skip
 
-    def _agreed_exit_code(self, stopping: bool) -> int:
-        """The exit code every rank reports once some rank was interrupted (0: none): the highest of
-        the ranks' own codes, so a signal to one worker stops all of them with its code."""
-        if not stopping:
-            return 0
-        code = self.interrupt.exit_code
+    def _agreed_exit_code(self) -> int:
+        """The highest of the ranks' own exit codes (0: no rank was interrupted), so a signal to one
+        worker stops all of them with its code: one all-reduce."""
+        code = self.interrupt.exit_code if self.interrupt.poll() else 0
         if self.world_size > 1:
             code = int(self._all_reduce_max(torch.tensor([float(code)], device=self.device))[0])
-        if self.interrupt.launcher_gone:
+        if code and self.interrupt.launcher_gone:
             log.warning("%s: saving a checkpoint and exiting", self.interrupt.describe())
-        return code or EXIT_CODES[signal.SIGINT]
+        return code
 
     def _stop_if_interrupted(self) -> None:
         """After an evaluation or a save, which can take long: a signal that came meanwhile stops the
-        run at this step (one all-reduce, as rare as evaluations and saves), not a step later."""
-        stopping = self.interrupt.poll() > 0
-        if self.world_size > 1:
-            stopping = bool(self._all_reduce_max(torch.tensor([float(stopping)], device=self.device))[0])
-        if stopping:
-            raise Interrupted(self._agreed_exit_code(True))
+        run at this step (as rare as evaluations and saves), not a step later."""
+        code = self._agreed_exit_code()
+        if code:
+            raise Interrupted(code)
 
     # ------------------------------------------------------------------ evaluation
 
