@@ -11,9 +11,9 @@ segment finishes. Kill points:
   then stops the other);
 - crash: DISTRAIN_CRASH_AT=<stage>:<step> SIGKILLs rank 0 at that stage of the segment's
   `nth` periodic save (a best/ save at the same step comes first and is the one killed);
-- sigterm/sigusr1: the signal to every training process after `rows` rows: exit 143/138 (under
-  a launcher, in its log), a checkpoint at the step where it stopped, the next segment resumes
-  there.
+- sigterm/sigusr1: shorthand for a "signal" kill of SIGTERM/SIGUSR1 to every training process
+  after `rows` rows (see Kill): exit 143/138, a checkpoint at the step where it stopped, the
+  next segment resumes there.
 
 Every segment's rows (training: loss, grad norm, lr; evaluation: every val/ value) must equal
 the uninterrupted reference run's rows of the same steps bitwise, and the segment must start
@@ -45,7 +45,6 @@ RUN_PY = REPO / "distrain" / "run.py"
 BIN = Path(sys.executable).parent
 CRASH_ENV = "DISTRAIN_CRASH_AT"
 CRASH_STAGES = ("before_shards", "between_shards", "before_complete", "before_latest")
-SIGNALS = {"sigterm": (signal.SIGTERM, 143), "sigusr1": (signal.SIGUSR1, 138)}
 
 # har's defaults (dropout 0.1, AdamW 2e-3, cosine with warmup, clipping 1.0) on a tiny model:
 # 19 steps per epoch at a global batch of 128, so a 24-step run crosses an epoch end (with its
@@ -94,7 +93,7 @@ def under(launcher: str, setup: Setup) -> Setup:
 
 @dataclass
 class Kill:
-    """kind sigkill | crash | sigterm | sigusr1 | signal. A "signal" sends `sig` to `target`:
+    """kind sigkill | crash | signal (sigterm / sigusr1: to the workers). A "signal" sends `sig` to `target`:
     "launcher", its process "group" (what a terminal's Ctrl-C reaches), "workers" (every training
     process), "rank1", or "all" (the launcher and every worker: a signal echoed by the launcher);
     after `rows` rows, or with a `stage` ("eval" or a save stage) from inside rank 0 at the
@@ -107,6 +106,10 @@ class Kill:
     stage: str = ""
     nth: int = 1
     sig: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind in ("sigterm", "sigusr1"):
+            self.kind, self.sig, self.target = "signal", self.kind.upper(), "workers"
 
     def __str__(self) -> str:
         if self.kind == "crash":
@@ -375,16 +378,13 @@ def _deliver(procs: Procs, setup: Setup, kill: Kill) -> None:
     proc = procs.proc
     ranks = workers(proc.pid) if setup.launch is not None else {0: proc.pid}
     try:
-        if kill.kind in SIGNALS:
-            for pid in ranks.values():
-                os.kill(pid, SIGNALS[kill.kind][0])
-        elif kill.kind == "signal":
+        if kill.kind == "signal":
             sig = signal.Signals[kill.sig]
             if kill.target in ("group", "all"):
                 os.killpg(proc.pid, sig)  # the launcher started this session: it leads the group
             if kill.target == "launcher":
                 os.kill(proc.pid, sig)
-            if kill.target in ("workers", "all") and setup.launch is not None:
+            if kill.target == "workers" or (kill.target == "all" and setup.launch is not None):
                 for pid in ranks.values():
                     os.kill(pid, sig)
             if kill.target == "rank1":
@@ -534,33 +534,24 @@ def expected_codes(kill: Kill, setup: Setup) -> tuple[int, int]:
 
 def signal_problems(seg: Segment, setup: Setup) -> list[str]:
     """A signal segment: the exit codes, one checkpoint at the step it stopped at, no process left."""
-    assert seg.kill is not None
-    if seg.kill.kind == "signal":
-        want, want_rc = expected_codes(seg.kill, setup)
-        problems = []
-        last = max((r["step"] for r in seg.rows if "loss" in r), default=None)
-        if seg.signal_rc != want or seg.rc != want_rc:
-            problems.append(f"exit code {seg.rc} (ranks said {seg.signal_rc}), want {want_rc} (ranks {want})")
-        if seg.interrupted_at is None or seg.interrupted_at != last or seg.saved[-1:] != [seg.interrupted_at]:
-            problems.append(f"stopped at step {seg.interrupted_at}, rows up to {last}, saved {seg.saved}")
-        if seg.saved.count(seg.interrupted_at) != 1:
-            problems.append(f"step {seg.interrupted_at} saved {seg.saved.count(seg.interrupted_at)} times")
-        if seg.kill.stage and seg.interrupted_at != seg.crash_step:
-            problems.append(f"signalled inside {seg.kill.stage} at step {seg.crash_step}, "
-                            f"stopped at {seg.interrupted_at}")
-        if seg.left_behind:
-            problems.append(f"{seg.left_behind} processes left running")
-        segment_output = seg.output.rsplit("=== segment:", 1)[-1]
-        if (setup.launch is None or setup.launcher == "distrain") and "Traceback" in segment_output:
-            problems.append("a traceback in the output")
-        return problems
-    _, want = SIGNALS[seg.kill.kind]
+    assert seg.kill is not None and seg.kill.kind == "signal"
+    want, want_rc = expected_codes(seg.kill, setup)
     problems = []
     last = max((r["step"] for r in seg.rows if "loss" in r), default=None)
-    if seg.signal_rc != want or (setup.launch is None and seg.rc != want):
-        problems.append(f"exit code {seg.rc} (ranks said {seg.signal_rc}), want {want}")
-    if seg.interrupted_at is None or seg.interrupted_at != last or seg.interrupted_at not in seg.saved:
+    if seg.signal_rc != want or seg.rc != want_rc:
+        problems.append(f"exit code {seg.rc} (ranks said {seg.signal_rc}), want {want_rc} (ranks {want})")
+    if seg.interrupted_at is None or seg.interrupted_at != last or seg.saved[-1:] != [seg.interrupted_at]:
         problems.append(f"stopped at step {seg.interrupted_at}, rows up to {last}, saved {seg.saved}")
+    if seg.saved.count(seg.interrupted_at) != 1:
+        problems.append(f"step {seg.interrupted_at} saved {seg.saved.count(seg.interrupted_at)} times")
+    if seg.kill.stage and seg.interrupted_at != seg.crash_step:
+        problems.append(f"signalled inside {seg.kill.stage} at step {seg.crash_step}, "
+                        f"stopped at {seg.interrupted_at}")
+    if seg.left_behind:
+        problems.append(f"{seg.left_behind} processes left running")
+    segment_output = seg.output.rsplit("=== segment:", 1)[-1]
+    if (setup.launch is None or setup.launcher == "distrain") and "Traceback" in segment_output:
+        problems.append("a traceback in the output")
     return problems
 
 
@@ -626,7 +617,7 @@ def run_kills(setup: Setup, root: Path, ref: Reference, kills: list[Kill], first
                 problems.append(f"chain {chains}: a segment without a kill point exited {seg.rc}\n{seg.output}")
                 break
             prev = Verdict(seg.kill, seg)
-            if seg.kill.kind in SIGNALS or seg.kill.kind == "signal":
+            if seg.kill.kind == "signal":
                 prev.problems += signal_problems(seg, setup)
                 max_saved = max(max_saved, seg.interrupted_at or 0)
         else:
