@@ -24,14 +24,12 @@ safetensors, everything else JSON.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -618,30 +616,14 @@ def recorded_files(path: Path, complete: dict[str, Any] | None = None) -> dict[s
 SKIPPED = "skipping checkpoint: "  # how choose and the resume warn about a checkpoint they pass over
 
 
-@contextlib.contextmanager
-def holding_skips() -> Iterator[list[logging.LogRecord]]:
-    """Hold back the "skipping checkpoint" warnings logged inside; the caller emits them
-    (log.handle) once a checkpoint was found, or folds them into its one-line error if none was."""
-    held: list[logging.LogRecord] = []
-
-    def keep(record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and record.getMessage().startswith(SKIPPED):
-            held.append(record)
-            return False
-        return True
-
-    log.addFilter(keep)
-    try:
-        yield held
-    finally:
-        log.removeFilter(keep)
-
-
-def with_skips(message: str, held: list[logging.LogRecord]) -> str:
+def with_skips(message: str, skipped: list[str]) -> str:
     """`message` followed by why each checkpoint was passed over, in one line."""
-    if not held:
-        return message
-    return f"{message} ({'; '.join(r.getMessage().removeprefix(SKIPPED) for r in held)})"
+    return f"{message} ({'; '.join(skipped)})" if skipped else message
+
+
+def warn_skips(skipped: list[str]) -> None:
+    for reason in skipped:
+        log.warning(SKIPPED + "%s", reason)
 
 
 def find_resumable(run_dir: str | os.PathLike) -> Path | None:
@@ -653,29 +635,29 @@ def find_resumable(run_dir: str | os.PathLike) -> Path | None:
 def resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """A verified checkpoint folder and its index, from itself, a run dir (its newest good
     checkpoint) or a checkpoints/ folder; CheckpointError if there is none."""
-    with holding_skips() as skipped:
-        try:
-            chosen = choose(str(path), path, defer=False)
-        except CheckpointError as e:  # one line: the reasons the damaged ones were passed over in it
-            raise CheckpointError(with_skips(str(e), skipped)) from None
-    for record in skipped:
-        log.handle(record)
+    skipped: list[str] = []
+    try:
+        chosen = choose(str(path), path, defer=False, skipped=skipped)
+    except CheckpointError as e:  # one line: the reasons the damaged ones were passed over in it
+        raise CheckpointError(with_skips(str(e), skipped)) from None
+    warn_skips(skipped)
     assert chosen is not None  # choose raises for anything but resume=auto
     return chosen
 
 
 def choose(resume: str, run_dir: str | os.PathLike, rank: int = 0, world: int = 1, skip: tuple[str, ...] = (),
-           defer: bool = True) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
+           defer: bool = True, skipped: list[str] | None = None) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
     """The checkpoint to resume from and its index; all ranks call it and get the same answer.
 
     `resume=auto`: the newest step checkpoint in run_dir that verifies (None if none does);
     `resume=<folder>`: that checkpoint, or an error; `resume=<run dir>`: its newest good one.
-    `skip`: folder names already found bad. The ranks share the checksum work (each hashes every
-    world-th eighth of the files; with `defer`, a checkpoint that hashed_while_loading is left to
-    checkpoint_load.load_verified, each rank hashing its own shard while loading it) and agree
-    through one all-reduce per candidate (at least one, so ranks that see different folders, even
-    none, stop with an error instead of waiting for each other). find_resumable and resolve are
-    this with one process and nothing deferred.
+    `skip`: folder names already found bad. `skipped`: where to put why each damaged one was passed
+    over (the caller warns or puts the reasons in its error); without it rank 0 warns. The ranks
+    share the checksum work (each hashes every world-th eighth of the files; with `defer`, a
+    checkpoint that hashed_while_loading is left to checkpoint_load.load_verified, each rank hashing
+    its own shard while loading it) and agree through one all-reduce per candidate (at least one, so
+    ranks that see different folders, even none, stop with an error instead of waiting for each
+    other). find_resumable and resolve are this with one process and nothing deferred.
     """
     p = Path(run_dir if resume == "auto" else resume)
     explicit = resume != "auto" and ((p / INDEX).is_file() or (p / COMPLETE).is_file())
@@ -689,7 +671,9 @@ def choose(resume: str, run_dir: str | os.PathLike, rank: int = 0, world: int = 
             return candidate, index
         if explicit:
             raise CheckpointError(error)
-        if rank == 0:
+        if skipped is not None:
+            skipped.append(error)
+        elif rank == 0:
             log.warning(SKIPPED + "%s", error)
     if resume == "auto":
         return None
@@ -697,7 +681,7 @@ def choose(resume: str, run_dir: str | os.PathLike, rank: int = 0, world: int = 
         raise CheckpointError(f"{resume} does not exist")
     if not p.is_dir():
         raise CheckpointError(f"{resume} is a file, not a checkpoint folder or a run dir")
-    if candidates:  # each was skipped with a warning; resolve and the resume put the reasons in the line
+    if candidates:  # each was passed over; resolve and the resume put the reasons in the line
         raise CheckpointError(f"no checkpoint in {resume} verifies")
     raise CheckpointError(f"{resume} holds no complete checkpoint (looked for {CKPT_DIR}/step_*/{COMPLETE})")
 

@@ -12,17 +12,16 @@ from typing import Any
 from distrain import resume_check
 from distrain.checkpoint import (
     CKPT_DIR,
-    SKIPPED,
     STATE,
     CheckpointError,
     choose,
     find_best,
-    holding_skips,
     read_json,
     save_checkpoint,
     set_aside_future,
     step_dirs,
     versions,
+    warn_skips,
     with_skips,
 )
 from distrain.checkpoint_load import ChecksumError, check_fits, load_verified
@@ -79,17 +78,16 @@ def resume(trainer: Any) -> Path | None:
     config_groups = resume_check.config_hyperparameters(trainer.scheduler)  # before a checkpoint overwrites them
     if cfg.resume == "auto" and not cfg.output_dir:
         raise CheckpointError("resume=auto needs output_dir=<run dir> to look for checkpoints in")
-    # The warnings about damaged checkpoints passed over are held: logged once one loads, part of the
-    # one-line error if none does.
-    with holding_skips() as skipped:
-        try:
-            chosen = _first_loadable(trainer)
-        except CheckpointError as e:
-            if not skipped:
-                raise
-            raise CheckpointError(with_skips(str(e), skipped)) from None
-    for record in skipped:
-        log.handle(record)
+    # Why damaged checkpoints were passed over: warnings once one loads, part of the one-line error if none does.
+    skipped: list[str] = []
+    try:
+        chosen = _first_loadable(trainer, skipped)
+    except CheckpointError as e:
+        if not skipped:
+            raise
+        raise CheckpointError(with_skips(str(e), skipped)) from None
+    if trainer.rank == 0:
+        warn_skips(skipped)
     if chosen is None:
         log.warning("resume=auto: no complete checkpoint in %s; starting from scratch", trainer.run_dir)
         return None
@@ -119,15 +117,19 @@ def resume(trainer: Any) -> Path | None:
     return path
 
 
-def _first_loadable(trainer: Any) -> tuple[Path, dict[str, Any], Any, Any, list[resume_check.Decision]] | None:
+def _first_loadable(
+    trainer: Any, skipped: list[str]
+) -> tuple[Path, dict[str, Any], Any, Any, list[resume_check.Decision]] | None:
     """(checkpoint, its trainer state, model values, optimizer values, decisions on changed settings)
     of the checkpoint `resume=` picks, loaded into the live model's tensors; the next good one when
-    one fails to load (auto or a run dir); None for resume=auto with no checkpoint."""
+    one fails to load (auto or a run dir); None for resume=auto with no checkpoint. Why each
+    damaged one was passed over goes to `skipped`."""
     cfg = trainer.cfg
     tried: list[str] = []  # checkpoints that failed while loading them
     why = ""
     while True:
-        chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried))
+        chosen = choose(str(cfg.resume), trainer.run_dir, trainer.rank, trainer.world_size, tuple(tried),
+                        skipped=skipped)  # fmt: skip
         if chosen is None and (tried or step_dirs(trainer.run_dir / CKPT_DIR)):
             # Starting from scratch over damaged checkpoints would silently drop the run's progress
             # (and, after a partial load, start from a state that is not the fresh one).
@@ -164,7 +166,6 @@ def _first_loadable(trainer: Any) -> tuple[Path, dict[str, Any], Any, Any, list[
         except CheckpointError as e:  # on every rank alike (load_verified agrees)
             if path == Path(cfg.resume):  # the very checkpoint asked for
                 raise
-            if trainer.rank == 0:
-                log.warning(SKIPPED + "%s", e)
+            skipped.append(str(e))
             tried.append(path.name)
             why = "its checksums failed" if isinstance(e, ChecksumError) else "it failed to load"
