@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distrain import checkpoint as ck
-from distrain import checkpoint_load
-from distrain.checkpoint_state import flatten_optim, live_states, set_live_states
+from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint.layout import flatten_optim, live_states, set_live_states
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[type, ...]]:

@@ -3,7 +3,7 @@
 For each model the two settings run through `distrain bench` (a process per setting, the real
 train_step, warm-up steps first so compilation is not timed): samples/s, the speedup of
 bf16+compile over fp32 eager, MFU (FLOPs counted once with torch.utils.flop_counter, peak from
-distrain.throughput.PEAK_TFLOPS) and peak GPU memory. Without CUDA it says so and exits 0.
+distrain.observe.throughput.PEAK_TFLOPS) and peak GPU memory. Without CUDA it says so and exits 0.
 
     python benchmarks/gpu.py [--steps 30] [--warmup 10]
 """

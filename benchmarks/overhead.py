@@ -30,8 +30,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from distrain.data import ArrayDataset, BatchPlan  # noqa: E402
 from distrain.recipe import resolve_config  # noqa: E402
+from distrain.train.data import ArrayDataset, BatchPlan  # noqa: E402
 
 BLOCK = 10
 SEED = 0
@@ -111,7 +111,7 @@ def window_means(losses: list[float]) -> list[float]:
 
 
 def run_distrain(cfg, recipe, train, batches) -> tuple[list[tuple[float, float]], list[float]]:
-    from distrain.trainer import Trainer
+    from distrain.train.trainer import Trainer
 
     ends: list[tuple[float, float]] = []
 

@@ -14,19 +14,19 @@ import logging
 import os
 import sys
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 
-# command -> (module, function, one-line help); each function takes argv and returns an exit code
+# command -> (module under distrain., function, one-line help); each function takes argv and returns an exit code
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "run": ("distrain.cli", "run_main", "train a recipe: distrain run recipe=har [key=value ...]"),
-    "recipes": ("distrain.cli", "recipes_main", "list the available recipes"),
-    "report": ("distrain.report", "main", "report.md + self-contained report.html: distrain report <run dir>"),
-    "profile": ("distrain.profile", "main", "profile a few steps with torch.profiler: distrain profile recipe=har"),
-    "bench": ("distrain.bench", "main", "throughput/memory per setting: distrain bench recipe=har --batch-sizes 32,64"),
-    "slurm": ("distrain.slurm", "main", "submit a recipe to Slurm: distrain slurm submit recipe=har --time 01:00:00"),
-    "export": ("distrain.export", "main", "consolidated weights for inference: distrain export <run dir> --out <dir>"),
-    "sweep": ("distrain.sweep", "main", "Optuna hyperparameter search (each trial a run): distrain sweep --help"),
-    "launch": ("distrain.launch", "main", "checked accelerate launch: distrain launch --config_file <yaml> recipe=har"),
+    "run": ("cli", "run_main", "train a recipe: distrain run recipe=har [key=value ...]"),
+    "recipes": ("cli", "recipes_main", "list the available recipes"),
+    "report": ("tools.report", "main", "report.md + self-contained report.html: distrain report <run dir>"),
+    "profile": ("tools.profiling", "main", "profile a few steps with torch.profiler: distrain profile recipe=har"),
+    "bench": ("tools.bench", "main", "throughput/memory per setting: distrain bench recipe=har --batch-sizes 32,64"),
+    "slurm": ("tools.slurm", "main", "submit a recipe to Slurm: distrain slurm submit recipe=har --time 01:00:00"),
+    "export": ("checkpoint.export", "main", "weights for inference: distrain export <run dir> --out <dir>"),
+    "sweep": ("tools.sweep", "main", "Optuna hyperparameter search (each trial a run): distrain sweep --help"),
+    "launch": ("tools.launch", "main", "checked accelerate launch: distrain launch --config_file <yaml> recipe=har"),
 }
 
 USAGE = "usage: distrain <command> [args]\n\ncommands:\n"
@@ -104,8 +104,8 @@ def _run(argv: list[str]) -> int:
         print(f"# recipe {recipe.name}: {recipe.description}")
         print(describe(cfg))
         return 0
-    from distrain.backends import LaunchError
-    from distrain.trainer import Trainer, TrainingError
+    from distrain.errors import LaunchError, TrainingError
+    from distrain.train.trainer import Trainer
 
     # Trainer() raises its ConfigErrors and LaunchErrors on every rank (rank 0's refusals are
     # broadcast), so each rank may go on to leave_process_group's barrier.
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]}?)" if close else ""
         return error(f"unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}")
     module, function, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), function)(rest))
+    return int(getattr(importlib.import_module(f"distrain.{module}"), function)(rest))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(Exception):
-    """Bad user input. The CLI prints the message as one line and exits with code 2."""
+from distrain.errors import ConfigError
 
 
 def opt(default: Any, help: str, **metadata: Any) -> Any:

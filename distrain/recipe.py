@@ -18,7 +18,7 @@ first line is the recipe's one-line description.
 
 What these return is checked on every call (a ConfigError naming the recipe: a step's loss,
 preds and targets have one row per sample), and before anything is written distrain calls
-step and metrics once on a few validation samples in eval mode (distrain.preflight), so a
+step and metrics once on a few validation samples in eval mode (distrain.train.preflight), so a
 metrics function that counts its calls sees one call more than there are evaluations.
 """
 
@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from distrain.config import Config, ConfigError, DataConfig, apply_dict, load_yaml, parse_overrides, validate
-from distrain.data import batch_size_of
+from distrain.config import Config, DataConfig, apply_dict, load_yaml, parse_overrides, validate
+from distrain.errors import ConfigError
+from distrain.train.data import batch_size_of
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

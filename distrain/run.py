@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    # and drop the script's own folder, where distrain/profile.py would shadow the stdlib `profile`
+    # and drop the script's own folder, whose subpackages (train, tools, ...) must not become top-level names
     _here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))

@@ -23,7 +23,7 @@ from torch import nn
 
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
-from distrain.classification import classification_metrics, save_confusion
+from distrain.observe.classification import classification_metrics, save_confusion
 
 UCI_CHANNELS = [f"{kind}_{axis}" for kind in ("body_acc", "body_gyro", "total_acc") for axis in "xyz"]
 UCI_LABELS = ["WALKING", "UPSTAIRS", "DOWNSTAIRS", "SITTING", "STANDING", "LAYING"]

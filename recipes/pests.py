@@ -26,7 +26,7 @@ from torch import nn
 
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
-from distrain.classification import classification_metrics, save_confusion
+from distrain.observe.classification import classification_metrics, save_confusion
 from recipes._pests_data import ImageSet, load_digits_images, read_image, scan_folders, scan_lists
 
 
@@ -148,7 +148,7 @@ def build_model(cfg) -> nn.Module:
     _, classes, channels = _images(cfg)
     model = ResNet(channels, len(classes), cfg.model)
     if cfg.model.pretrained:
-        from distrain.weights import load_weights
+        from distrain.checkpoint.weights import load_weights
 
         state, own = load_weights(cfg.model.pretrained), model.state_dict()
         backbone = {k for k in own if not k.startswith("head.")}

@@ -25,7 +25,7 @@ from torch import nn
 
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
-from distrain.classification import classification_metrics
+from distrain.observe.classification import classification_metrics
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
-from distrain.plots import loss_curves, pred_vs_truth
+from distrain.tools.plots import loss_curves, pred_vs_truth
 
 
 @dataclass

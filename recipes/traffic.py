@@ -211,7 +211,7 @@ def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
 
 def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
     """Print model vs baselines; plot a stretch of predictions vs truth and the error per horizon."""
-    from distrain.plots import _pyplot
+    from distrain.tools.plots import _pyplot
 
     m = metrics(preds, targets, cfg)
     print(

@@ -11,10 +11,11 @@ import sys
 import torch
 
 from distrain import checkpoint as ck
-from distrain import checkpoint_load, trainer_checkpoint
-from distrain.checkpoint_state import flatten_optim
+from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint import manager as trainer_checkpoint
+from distrain.checkpoint.layout import flatten_optim
 from distrain.recipe import resolve_config
-from distrain.trainer import Trainer
+from distrain.train.trainer import Trainer
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distrain.data import BatchPlan
 from distrain.recipe import resolve_config
-from distrain.trainer import Trainer
+from distrain.train.data import BatchPlan
+from distrain.train.trainer import Trainer
 
 from helpers import NO_DROPOUT, TINY_HAR
 

@@ -20,11 +20,13 @@ import torch.nn as nn
 import yaml
 from accelerate import Accelerator
 
-from distrain.backends import Backend, LaunchError, select_backend
-from distrain.config import Config, ConfigError
-from distrain.fsdp import FSDPBackend
+from distrain.config import Config
+from distrain.errors import ConfigError, LaunchError
+from distrain.parallel.base import Backend
+from distrain.parallel.fsdp import FSDPBackend
+from distrain.parallel.select import select_backend
+from distrain.parallel.zero import DeepSpeedBackend, fill_deepspeed_config
 from distrain.recipe import resolve_config
-from distrain.zero import DeepSpeedBackend, fill_deepspeed_config
 
 from helpers import NO_DROPOUT, REPO, TINY_HAR, metrics_rows, run_distrain, weights
 

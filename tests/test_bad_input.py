@@ -469,7 +469,7 @@ def trained_run() -> Path:
         import logging
 
         from distrain.recipe import resolve_config
-        from distrain.trainer import Trainer
+        from distrain.train.trainer import Trainer
 
         run = _TRAINED_HOME[0].mktemp("trained") / "run"
         logger = logging.getLogger("distrain")
@@ -755,9 +755,9 @@ def test_dry_run_leaves_model_and_random_streams_as_they_were(tmp_path: Path) ->
 
     import torch
 
-    from distrain.preflight import dry_run
     from distrain.recipe import resolve_config
-    from distrain.trainer import Trainer
+    from distrain.train.preflight import dry_run
+    from distrain.train.trainer import Trainer
 
     har_variant("noisy", """
         import random as _random

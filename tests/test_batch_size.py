@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from distrain.batch_size import largest_divisor_at_most, largest_fitting, saved_activation_bytes
+from distrain.train.batch_size import largest_divisor_at_most, largest_fitting, saved_activation_bytes
 
 from helpers import TINY_HAR, run_distrain, train_losses
 

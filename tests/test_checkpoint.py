@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from distrain import checkpoint as ck
-from distrain import checkpoint_load, fault_points
-from distrain.checkpoint_state import live_states, set_live_states
-from distrain.export import export, load_weights_dir
+from distrain import fault_points
+from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint.export import export, load_weights_dir
+from distrain.checkpoint.layout import live_states, set_live_states
 
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain, train_losses, weights
 
@@ -164,7 +165,7 @@ def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_
 def test_hashing_while_loading_copies_large_tensors_in_chunks_and_catches_damage(tmp_path, monkeypatch):
     """load_verified on a state with tensors of several copy chunks: the loaded values equal the
     saved ones, and a flipped byte deep inside a large tensor raises ChecksumError naming the file."""
-    from distrain.checkpoint import choose
+    from distrain.checkpoint.find import choose
 
     monkeypatch.setenv(ck.HASH_WHILE_LOADING_ENV, "0")
 

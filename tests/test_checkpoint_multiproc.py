@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from distrain import checkpoint as ck
-from distrain.export import export, load_weights_dir
-from distrain.shard_file import ShardFile
+from distrain.checkpoint.export import export, load_weights_dir
+from distrain.checkpoint.shard_file import ShardFile
 
 from helpers import BIN, NO_DROPOUT, REPO, TINY_HAR, free_port, metrics_rows, run_distrain, weights
 
@@ -160,7 +160,7 @@ def test_a_shard_only_rank_1_hashes_is_caught_and_both_ranks_fall_back(while_loa
 def _choose_worker(rank: int, port: int, run_dirs: list[str], out: dict) -> None:
     import torch.distributed as dist
 
-    from distrain.checkpoint import choose
+    from distrain.checkpoint.find import choose
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -179,7 +179,7 @@ def test_ranks_that_see_different_checkpoints_stop_instead_of_waiting(tmp_path):
     import multiprocessing
 
     model = torch.nn.Linear(3, 2)
-    from distrain.checkpoint_state import live_states
+    from distrain.checkpoint.layout import live_states
 
     ck.save_checkpoint(tmp_path / "a", ck.step_name(5), *live_states(model, torch.optim.SGD(model.parameters())),
                        {"step": 5}, "x: 1\n")  # fmt: skip

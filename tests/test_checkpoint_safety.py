@@ -31,8 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from distrain import checkpoint as ck
-from distrain import checkpoint_load, export
-from distrain.checkpoint_state import live_states
+from distrain.checkpoint import export
+from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint import save as ck_save
+from distrain.checkpoint.layout import live_states
 
 from helpers import free_port, run_distrain, weights
 
@@ -249,12 +251,12 @@ def crash_between_best_renames(run: Path, step: int, second_done: bool = False) 
         if second_done and Path(dst).name == "best":
             raise Killed
 
-    ck.os.replace = replace
+    ck_save.os.replace = replace
     try:
         with pytest.raises(Killed):
             save(run, step, name="best")
     finally:
-        ck.os.replace = real
+        ck_save.os.replace = real
     assert ".tmp-old-best" in moves
 
 
@@ -313,7 +315,7 @@ def test_a_kill_during_retention_never_leaves_a_complete_folder_without_its_shar
             shard.unlink()
         raise Killed
 
-    monkeypatch.setattr(ck.shutil, "rmtree", killed_rmtree)
+    monkeypatch.setattr(ck_save.shutil, "rmtree", killed_rmtree)
     with pytest.raises(Killed):
         ck.apply_retention(root, keep_last=1)
     monkeypatch.undo()
@@ -337,8 +339,8 @@ def test_a_failed_save_removes_its_temp_folder_and_says_why_in_one_line(where, t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, *args)
 
-    real = ck.write_synced
-    monkeypatch.setattr(ck, "write_shard" if where == "shard" else "write_synced", full_disk)
+    real = ck_save.write_synced
+    monkeypatch.setattr(ck_save, "write_shard" if where == "shard" else "write_synced", full_disk)
     with pytest.raises(ck.CheckpointError) as err:
         save(tmp_path, 2)
     message = str(err.value)
@@ -423,11 +425,11 @@ def _two_rank_worker(rank: int, port: int, run: str, out: dict) -> None:
         attempt("save1", lambda: save(1))
         attempt("save2", lambda: save(2))
         # a full disk on rank 1 only: both ranks stop, no temp folder left, step_2 kept
-        real_write = ck.write_shard
+        real_write = ck_save.write_shard
         if rank == 1:
-            ck.write_shard = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            ck_save.write_shard = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
         attempt("save3", lambda: save(3))
-        ck.write_shard = real_write
+        ck_save.write_shard = real_write
         out[f"leftovers/{rank}"] = sorted(p.name for p in root.glob(".tmp-*"))
         # an OSError while hashing step_2 on rank 1 only: both ranks skip it and take step_1
         real_hash = ck.block_checksums

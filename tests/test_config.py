@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from distrain.cli import main
-from distrain.config import ConfigError, parse_overrides
+from distrain.config import parse_overrides
+from distrain.errors import ConfigError
 from distrain.recipe import resolve_config
 
 from helpers import REPO, RUN_PY

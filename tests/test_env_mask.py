@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distrain.env_mask import mask_line, mask_value, masked_environment
-from distrain.slurm import SlurmOptions, render_command_array, render_training
+from distrain.tools.env_mask import mask_line, mask_value, masked_environment
+from distrain.tools.slurm import SlurmOptions, render_command_array, render_training
 
 KEY_BODY = ["b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ", "QyNTUxOQAAACDx8mZ2hvc3RseXNlY3JldGxpbmVzMTIz"]
 PEM = "\n".join(["-----BEGIN OPENSSH PRIVATE KEY-----", *KEY_BODY, "-----END OPENSSH PRIVATE KEY-----"])
@@ -122,7 +122,7 @@ def test_the_job_log_masks_the_environment(tmp_path, monkeypatch):
                "gpu": render_training(["recipe=har"], SlurmOptions(gpus_per_node=2)),
                "multinode": render_training(["recipe=har"], SlurmOptions(nodes=2, gpus_per_node=2)),
                "array": render_command_array(["echo", "hi"], 2, opts)}  # fmt: skip
-    helper = str(Path(sys.modules["distrain.env_mask"].__file__).resolve())
+    helper = str(Path(sys.modules["distrain.tools.env_mask"].__file__).resolve())
     for name, script in scripts.items():
         assert f"-I {helper}" in script, name
         assert not re.search(r"^\s*printenv\b", script, re.M), name  # the old unmasked pipeline is gone

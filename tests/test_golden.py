@@ -140,7 +140,7 @@ def run_backend(backend: str, run_dir: Path) -> list[dict[str, float]]:
     launch = BACKENDS[backend]
     if launch is None and not torch.cuda.is_available():
         from distrain.recipe import resolve_config
-        from distrain.trainer import Trainer
+        from distrain.train.trainer import Trainer
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from distrain import cli
-from distrain.backends import LaunchError, requested_world_size
+from distrain.errors import LaunchError
+from distrain.parallel.launch import requested_world_size
 
 from helpers import BIN, REPO, RUN_PY, TINY_HAR, free_port, metrics_rows
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrain.checkpoint import step_dirs
+from distrain.checkpoint.format import step_dirs
 from distrain.recipe import resolve_config
-from distrain.trainer import Trainer
+from distrain.train.trainer import Trainer
 
 from helpers import TINY_HAR, metrics_rows, run_distrain, weights
 
@@ -84,7 +84,7 @@ def step(model, batch):
     return StepOutput(loss=(pred - batch["y"]) ** 2, preds=pred, targets=batch["y"])
 
 
-EVALS = [-1]  # call 0 is the dry run before training (distrain.preflight); evaluations count from 1
+EVALS = [-1]  # call 0 is the dry run before training (distrain.train.preflight); evaluations count from 1
 
 
 def metrics(preds, targets, cfg):

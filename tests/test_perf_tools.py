@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from distrain.throughput import count_flops, mfu, peak_flops
+from distrain.observe.throughput import count_flops, mfu, peak_flops
 
 from helpers import REPO, TINY_HAR, metrics_rows, run_distrain
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distrain.config import ConfigError
-from distrain.data import BatchIndices
+from distrain.errors import ConfigError
 from distrain.recipe import resolve_config
-from distrain.trainer import Trainer
+from distrain.train.data import BatchIndices
+from distrain.train.trainer import Trainer
 
 from helpers import run_distrain, weights
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 from distrain.recipe import resolve_config
 
 from helpers import run_distrain

@@ -12,7 +12,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 from distrain.recipe import load_recipe, resolve_config
 
 from helpers import run_distrain

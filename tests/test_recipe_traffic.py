@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 from distrain.recipe import load_recipe, resolve_config
 
 from helpers import run_distrain

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from distrain import cli
-from distrain.config import ConfigError, all_keys
+from distrain.checkpoint.resume_check import ALLOWED, APPLIED, BATCH_KEYS, LIVE_KEYS, kind
+from distrain.config import all_keys
+from distrain.errors import ConfigError
 from distrain.recipe import resolve_config
-from distrain.resume_check import ALLOWED, APPLIED, BATCH_KEYS, LIVE_KEYS, kind
-from distrain.trainer import Trainer
+from distrain.train.trainer import Trainer
 
 TINY = ["recipe=har", "model.width=16", "model.depth=1", "model.heads=2", "log.progress=false", "log.every=1"]
 BASE = [*TINY, "train.max_steps=6", "ckpt.every_steps=2"]

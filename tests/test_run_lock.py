@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from distrain import checkpoint, run_lock
-from distrain.config import ConfigError
-from distrain.run_lock import RunDirBusy
+from distrain import checkpoint
+from distrain.errors import ConfigError, RunDirBusy
+from distrain.train import run_lock
 
 from helpers import REPO, RUN_PY, TINY_HAR, metrics_rows, run_distrain
 
@@ -36,7 +36,7 @@ HOST = socket.gethostname()
 HOLDER = textwrap.dedent(f"""
     import os, sys, types
     pkg = types.ModuleType("distrain"); pkg.__path__ = [{str(REPO / "distrain")!r}]; sys.modules["distrain"] = pkg
-    from distrain import run_lock
+    from distrain.train import run_lock
     try:
         lock = run_lock.acquire(sys.argv[1])
     except run_lock.RunDirBusy as e:

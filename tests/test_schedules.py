@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distrain.config import OptimConfig, SchedConfig
-from distrain.optim import build_optimizer, build_scheduler, effective_lr
+from distrain.train.optim import build_optimizer, build_scheduler, effective_lr
 
 PEAK, TOTAL, WARM, FLOOR = 0.1, 40, 5, 0.01
 

@@ -1,4 +1,4 @@
-"""distrain.shard_file against the safetensors library: files either writes, the other reads."""
+"""distrain.checkpoint.shard_file against the safetensors library: files either writes, the other reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distrain.shard_file import ShardFile, ShardFileError, write_shard
+from distrain.checkpoint.shard_file import ShardFile, ShardFileError, write_shard
 
 
 def sample() -> dict[str, torch.Tensor]:

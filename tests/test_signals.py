@@ -77,7 +77,7 @@ def test_an_ignored_sighup_stays_ignored_and_a_dead_launcher_is_noticed(monkeypa
     import os
     import signal
 
-    from distrain.signals import InterruptFlag
+    from distrain.train.signals import InterruptFlag
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
+from distrain.parallel.zero import fill_deepspeed_config
 from distrain.recipe import resolve_config
-from distrain.trainer import Trainer
-from distrain.zero import fill_deepspeed_config
+from distrain.train.trainer import Trainer
 
 from helpers import TINY_HAR, metrics_rows, run_distrain, weights
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrain.slurm import SlurmOptions, render_training, submit_array
-from distrain.slurm import main as slurm_main
+from distrain.tools.slurm import SlurmOptions, render_training, submit_array
+from distrain.tools.slurm import main as slurm_main
 
 from helpers import TINY_HAR, metrics_rows, run_distrain, weights
 from slurm_cluster import LocalSlurm, SlurmUnavailable, install

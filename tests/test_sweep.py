@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from distrain.recipe import resolve_config
-from distrain.sweep import main as sweep
-from distrain.trainer import Trainer
+from distrain.tools.sweep import main as sweep
+from distrain.train.trainer import Trainer
 
 TINY = [
     "recipe=pharma",

@@ -15,10 +15,10 @@ import yaml
 
 import distrain
 from distrain import checkpoint
-from distrain.config import ConfigError
-from distrain.export import main as export_main
+from distrain.checkpoint.export import main as export_main
+from distrain.checkpoint.weights import save_weights
+from distrain.errors import ConfigError
 from distrain.recipe import RECIPES_DIR, is_builtin_recipe
-from distrain.weights import save_weights
 
 # A valid recipe (a 3 -> 2 linear model) that leaves a marker file when it is imported.
 FOREIGN = textwrap.dedent('''

@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from distrain.bench import ArgParser, StepRunner
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
+from distrain.tools.bench import ArgParser, StepRunner
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         cfg, _ = resolve_config(overrides)  # validate once; the trainer resolves again with output_dir
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = cfg.output_dir or f"runs/{Path(cfg.recipe).stem}/profile-{stamp}"
-        from distrain.bench import build_trainer
+        from distrain.tools.bench import build_trainer
 
         trainer = build_trainer(overrides, out_dir)
     except ConfigError as e:

@@ -1,7 +1,7 @@
 """Loading checkpoints: each target tensor's region, read from the saved pieces that overlap it,
 copied into the live tensor in place; the model-fit check; RNG states; consolidated weights.
 
-The format and saving live in distrain/checkpoint.py.
+The format and saving: format.py and save.py beside it.
 """
 
 from __future__ import annotations
@@ -15,28 +15,12 @@ from typing import Any
 import torch
 from torch.autograd.graph import increment_version
 
-from distrain.checkpoint import (
-    BLOCKS,
-    INDEX,
-    CheckpointError,
-    agree_failed,
-    block_size,
-    describe_fault,
-    hashed_while_loading,
-    plain_name,
-    read_json,
-    recorded_files,
-    shard_name,
-    verify,
-)
-from distrain.checkpoint_state import (
-    dtensor_type,
-    flatten_optim,
-    geometry,
-    local_tensor,
-    unflatten_optim,
-)
-from distrain.shard_file import ShardFile, ShardFileError
+from distrain.checkpoint.collective import agree_failed
+from distrain.checkpoint.format import BLOCKS, INDEX, block_size, plain_name, read_json, shard_name
+from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, local_tensor, unflatten_optim
+from distrain.checkpoint.shard_file import ShardFile, ShardFileError
+from distrain.checkpoint.verify import describe_fault, hashed_while_loading, recorded_files, verify
+from distrain.errors import CheckpointError, ChecksumError
 
 
 class _Reader:
@@ -197,10 +181,6 @@ def load_states(
         reader.close()
     optim_out = None if optim_state is None else unflatten_optim(targets, index["optim"], optim_state)
     return model_state, optim_out
-
-
-class ChecksumError(CheckpointError):
-    """A checkpoint's bytes do not match its recorded checksums (found while loading it)."""
 
 
 def load_verified(path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,

@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from distrain.config import ConfigError, parse_value
+from distrain.config import parse_value
+from distrain.errors import ConfigError, Interrupted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\((.*)\)\s*$")
@@ -146,19 +147,13 @@ def _arg(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-class SweepInterrupted(Exception):
-    def __init__(self, exit_code: int):
-        super().__init__(f"interrupted, exit code {exit_code}")
-        self.exit_code = exit_code
-
-
 def run_trial(trial: Any, fixed: list[str], space: list[Param], sweep_dir: Path, prune_warmup: int = 1) -> float:
     """One trial: a normal run in <sweep_dir>/trial_<n>, reporting validation metrics to the pruner."""
     import optuna
     from accelerate.state import AcceleratorState, GradientState
 
     from distrain.recipe import resolve_config
-    from distrain.trainer import Trainer
+    from distrain.train.trainer import Trainer
 
     params = {p.key: p.suggest(trial) for p in space}
     run_dir = sweep_dir / f"trial_{trial.number:04d}"
@@ -185,7 +180,7 @@ def run_trial(trial: Any, fixed: list[str], space: list[Param], sweep_dir: Path,
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     if summary.get("exit_code"):
-        raise SweepInterrupted(int(summary["exit_code"]))
+        raise Interrupted(int(summary["exit_code"]))
     value = summary["best_metric"][metric]
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"trial {trial.number} produced no finite {metric}")
@@ -240,7 +235,7 @@ def optimize(sweep_dir: Path, spec: dict[str, Any], worker: bool = False) -> int
             study.tell(trial, state=TrialState.PRUNED)
             print(f"trial {trial.number}: {e}", flush=True)
             continue
-        except SweepInterrupted as e:
+        except Interrupted as e:
             study.tell(trial, state=TrialState.FAIL)
             print(f"sweep interrupted during trial {trial.number}; run the same command again to resume", flush=True)
             return e.exit_code
@@ -354,7 +349,7 @@ def main(argv: list[str]) -> int:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         if flags["slurm_array"]:
-            from distrain.slurm import submit_array
+            from distrain.tools.slurm import submit_array
 
             open_study(sweep_dir, spec["direction"], spec["seed"], worker=False)  # create the DB before workers race
             command = [sys.executable, "-m", "distrain.cli", "sweep", "--worker", f"sweep_dir={sweep_dir.resolve()}"]

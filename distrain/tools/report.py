@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distrain.classification import plot_confusion
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
+from distrain.observe.classification import plot_confusion
 
 OWN_PREFIX = "report_"  # PNGs this module writes into report/; every other PNG in the run dir is the recipe's
 

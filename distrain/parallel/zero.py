@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from distrain.backends import LOW_PRECISION, Backend, LaunchError, dtype_name
-from distrain.config import Config, ConfigError
+from distrain.config import Config
+from distrain.errors import ConfigError, LaunchError
+from distrain.parallel.base import LOW_PRECISION, Backend, dtype_name
 
 
 class DeepSpeedBackend(Backend):

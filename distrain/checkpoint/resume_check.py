@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from distrain.config import Config, ConfigError, to_plain
+from distrain.config import Config, to_plain
+from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.data import BatchPlan
+    from distrain.train.data import BatchPlan
 
 APPLIED, ALLOWED, REFUSED, UNCHECKED = "applied", "allowed by resume_allow", "refused", "unchecked"
 GLOBAL_BATCH = "global_batch"  # the pseudo key resume_allow takes for another global batch

@@ -22,10 +22,23 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from distrain import checkpoint, preflight, run_lock, trainer_checkpoint
-from distrain.backends import Backend, build_accelerator, configure_torch, count_params, select_backend
-from distrain.config import Config, ConfigError, to_plain
-from distrain.data import (
+from distrain import checkpoint
+from distrain.checkpoint import manager as trainer_checkpoint
+from distrain.checkpoint.resume_check import Decision
+from distrain.checkpoint.weights import save_weights
+from distrain.config import Config, to_plain
+from distrain.errors import ConfigError, Interrupted, TrainingError
+from distrain.fault_points import EVAL_STAGE, fault_point
+from distrain.observe.log import held_records, setup_logging
+from distrain.observe.metrics import SUPERSEDED, MetricsLogger, peak_memory_mb, slurm_info, supersede_rows, write_json
+from distrain.observe.throughput import count_flops, mfu, peak_flops
+from distrain.observe.trackers import init_trackers
+from distrain.parallel.base import Backend, count_params
+from distrain.parallel.launch import build_accelerator, configure_torch
+from distrain.parallel.select import select_backend
+from distrain.recipe import Recipe, StepOutput
+from distrain.train import preflight, run_lock
+from distrain.train.data import (
     BatchPlan,
     EvalBatchSampler,
     TrainBatchSampler,
@@ -35,37 +48,11 @@ from distrain.data import (
     loader_kwargs,
     move_to,
 )
-from distrain.fault_points import EVAL_STAGE, fault_point
-from distrain.metrics import (
-    SUPERSEDED,
-    MetricsLogger,
-    held_records,
-    init_trackers,
-    peak_memory_mb,
-    setup_logging,
-    slurm_info,
-    supersede_rows,
-    write_json,
-)
-from distrain.optim import build_optimizer, build_scheduler, effective_lr
-from distrain.recipe import Recipe, StepOutput
-from distrain.resume_check import Decision
-from distrain.rng import seed_step
-from distrain.signals import InterruptFlag
-from distrain.throughput import count_flops, mfu, peak_flops
-from distrain.weights import save_weights
+from distrain.train.optim import build_optimizer, build_scheduler, effective_lr
+from distrain.train.rng import seed_step
+from distrain.train.signals import InterruptFlag
 
 log = logging.getLogger("distrain")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
-
-
-class Interrupted(Exception):
-    def __init__(self, exit_code: int):
-        super().__init__(f"interrupted, exit code {exit_code}")
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -156,7 +143,7 @@ class Trainer:
             self.datasets["test"] = as_dataset(splits.test)
         micro_batch, grad_accum, self.auto_batch_note = cfg.data.batch_size, cfg.train.grad_accum, ""
         if micro_batch == "auto":
-            from distrain.batch_size import find_batch
+            from distrain.train.batch_size import find_batch
 
             train_set, autocast = self.datasets["train"], self.accelerator.autocast
             found = find_batch(cfg, recipe, train_set, self.device, self.world_size, autocast)

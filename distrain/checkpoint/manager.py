@@ -1,6 +1,6 @@
 """Checkpointing a Trainer: what its state is, saving it at a step boundary, and resuming from one.
 
-The file format, atomic writes, verification and loading live in distrain/checkpoint.py.
+The file format, atomic writes, verification and loading live beside it in distrain/checkpoint/.
 """
 
 from __future__ import annotations
@@ -9,22 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from distrain import resume_check
-from distrain.checkpoint import (
-    CKPT_DIR,
-    STATE,
-    CheckpointError,
-    choose,
-    find_best,
-    read_json,
-    save_checkpoint,
-    set_aside_future,
-    step_dirs,
-    versions,
-    warn_skips,
-    with_skips,
-)
-from distrain.checkpoint_load import ChecksumError, check_fits, load_verified
+from distrain.checkpoint import resume_check
+from distrain.checkpoint.find import choose, find_best, set_aside_future, warn_skips, with_skips
+from distrain.checkpoint.format import CKPT_DIR, STATE, read_json, step_dirs, versions
+from distrain.checkpoint.load import check_fits, load_verified
+from distrain.checkpoint.save import save_checkpoint
+from distrain.errors import CheckpointError, ChecksumError
 
 log = logging.getLogger("distrain")
 
@@ -110,7 +100,7 @@ def resume(trainer: Any) -> Path | None:
     scaler = getattr(trainer.accelerator, "scaler", None)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    # No RNG state to restore: every random stream is a function of (seed, rank, step) (distrain.rng).
+    # No RNG state to restore: every random stream is a function of (seed, rank, step) (distrain.train.rng).
     trainer._last_saved_step = trainer.state.step if path.name.startswith("step_") else -1
     # Last, once nothing can refuse the resume any more: a rewind continues this lineage.
     set_aside_future(path, trainer.run_dir, trainer.rank, trainer.world_size)

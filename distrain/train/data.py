@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.config import DataConfig
-from distrain.rng import FETCH, seed_global, stream_seed
+from distrain.train.rng import FETCH, seed_global, stream_seed
 
 
 class ArrayDataset(Dataset):

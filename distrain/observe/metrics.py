@@ -1,87 +1,15 @@
-"""Where numbers go: console and train.log, metrics.jsonl, trackers, the progress bar, summary.json.
-
-Only rank 0 writes files and shows the bar; other ranks log warnings and errors to stderr.
-"""
+"""Metrics rows: metrics.jsonl (rank 0 only), summary.json, peak memory and the Slurm job's identity."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import resource
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-
-LOG_FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(message)s"
-
-
-class _TqdmHandler(logging.StreamHandler):
-    """Console lines that do not tear the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def held_records() -> Iterator[list[logging.LogRecord]]:
-    """Keep what distrain logs before the run dir may be written to (the resume decides that), for
-    setup_logging to put into train.log; warnings still reach stderr at once."""
-    logger = logging.getLogger("distrain")
-    records: list[logging.LogRecord] = []
-
-    class Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-            if record.levelno >= logging.WARNING:
-                print(f"{record.levelname} {record.getMessage()}", file=sys.stderr)
-
-    handler, level = Hold(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def setup_logging(rank: int, run_dir: Path | None, earlier: list[logging.LogRecord] = ()) -> logging.Logger:
-    """Console (rank 0; warnings from every rank) and train.log (rank 0), which starts with `earlier`."""
-    logger = logging.getLogger("distrain")
-    logger.handlers.clear()
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    old_factory = logging.getLogRecordFactory()
-
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = old_factory(*args, **kwargs)
-        record.rank = rank
-        return record
-
-    logging.setLogRecordFactory(factory)
-    console = _TqdmHandler()
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    logger.addHandler(console)
-    if run_dir is not None and rank == 0:
-        file_handler = logging.FileHandler(run_dir / "train.log")
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        for record in earlier:
-            record.rank = rank
-            file_handler.handle(record)
-        logger.addHandler(file_handler)
-    return logger
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -91,9 +19,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """Only the finite-or-not plain numbers of a row, for trackers."""
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
 
 
 def _json_safe(value: Any) -> Any:
@@ -104,6 +34,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
 
 
 class MetricsLogger:
@@ -145,7 +76,9 @@ class MetricsLogger:
             self.file.close()
 
 
+
 SUPERSEDED = "metrics.superseded.jsonl"
+
 
 
 def supersede_rows(run_dir: Path, keep: int, marker: dict[str, Any] | None = None) -> tuple[int, int]:
@@ -168,46 +101,13 @@ def supersede_rows(run_dir: Path, keep: int, marker: dict[str, Any] | None = Non
     return len(kept), len(moved)
 
 
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
     os.replace(tmp, path)
 
-
-def init_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> None:
-    """TensorBoard / wandb through accelerate. wandb goes offline without an API key and the key
-    is never written anywhere by distrain."""
-    names = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
-    if not names:
-        return
-    from accelerate.tracking import filter_trackers
-
-    # The run dir is only known after the Accelerator exists (rank 0 picks it), so trackers are
-    # attached here rather than through Accelerator(log_with=...).
-    accelerator.project_configuration.set_directories(str(run_dir))
-    accelerator.log_with = filter_trackers(names, accelerator.logging_dir)
-    init_kwargs: dict[str, Any] = {}
-    if cfg.log.wandb:
-        mode = cfg.log.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        init_kwargs["wandb"] = {"mode": mode, "dir": str(run_dir), "name": run_dir.name}
-    from distrain.config import to_plain
-
-    flat = _flatten(to_plain(cfg))
-    project = cfg.log.wandb_project if cfg.log.wandb else "tensorboard"
-    accelerator.init_trackers(project, config=flat, init_kwargs=init_kwargs)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def slurm_info() -> dict[str, Any]:

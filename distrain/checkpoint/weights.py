@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from distrain.shard_file import write_shard
+from distrain.checkpoint.shard_file import write_shard
 
 
 def save_weights(

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError, RunDirBusy
 
 LOCK_NAME = ".lock"
 # errno values meaning "this file system does not do flock": fall back to the record
@@ -41,10 +41,6 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.
 _HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
 # What a fresh run (no resume=) must not overwrite
 FINISHED_FILES = ("model.safetensors", "best_model.safetensors", "summary.json")
-
-
-class RunDirBusy(ConfigError):
-    """Another live process holds the run dir's lock."""
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from distrain.config import Config, ConfigError
-from distrain.data import move_to
+from distrain.config import Config
+from distrain.errors import ConfigError
+from distrain.train.data import move_to
 
 MiB = 2**20
 
@@ -149,7 +150,7 @@ def _agree(found: int, world_size: int, device: torch.device) -> int:
 
 def _search(model: torch.nn.Module, cfg: Config, recipe: Any, dataset: Any, device: torch.device, cap: int,
             autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[int, str]:  # fmt: skip
-    from distrain.optim import build_optimizer
+    from distrain.train.optim import build_optimizer
 
     model.train()
 

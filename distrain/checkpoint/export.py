@@ -24,9 +24,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distrain import checkpoint, checkpoint_load
-from distrain.config import Config, ConfigError, apply_dict
-from distrain.weights import save_text, save_weights
+from distrain import checkpoint
+from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint.weights import save_text, save_weights
+from distrain.config import Config, apply_dict
+from distrain.errors import ConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what _export names its shards

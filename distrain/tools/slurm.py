@@ -18,13 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "slurm"
 LAUNCH_CONFIGS = REPO / "launch_configs"
-RUN_PY = REPO / "distrain" / "run.py"
-ENV_MASK = REPO / "distrain" / "env_mask.py"  # prints the job's environment with secrets masked
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+ENV_MASK = Path(__file__).resolve().with_name("env_mask.py")  # prints the job's environment with secrets masked
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME = re.compile(r"^(\d+-\d{1,2}(:[0-5]?\d){0,2}|\d+(:[0-5]?\d){0,2})$")

@@ -1,4 +1,4 @@
-"""The environment for a job log, with secrets masked: `python -I distrain/env_mask.py`.
+"""The environment for a job log, with secrets masked: `python -I distrain/tools/env_mask.py`.
 
 slurm/common.sh prints it at the start of every job. Values are masked by the variable's name
 (KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL, AUTH, PRIVATE, ...) and, whatever the name, by

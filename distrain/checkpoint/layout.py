@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distrain.shard_file import dtype_name
+from distrain.checkpoint.shard_file import dtype_name
 
 # ---------------------------------------------------------------- flattening
 

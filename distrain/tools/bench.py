@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-from distrain.config import ConfigError
+from distrain.errors import ConfigError
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -46,7 +46,7 @@ class StepRunner:
 
     def step(self) -> float:
         """One optimizer step; returns its wall time in seconds (the loss is read, so the device has finished)."""
-        from distrain.data import move_to
+        from distrain.train.data import move_to
 
         t, plan = self.t, self.t.plan
         idx = plan.step_samples(self.order, self.consumed)
@@ -65,7 +65,7 @@ class StepRunner:
 
 def build_trainer(overrides: list[str], output_dir: str, flops: bool = False) -> Any:
     from distrain.recipe import resolve_config
-    from distrain.trainer import Trainer
+    from distrain.train.trainer import Trainer
 
     extra = ["log.flops=true"] if flops else []
     cfg, recipe = resolve_config([*overrides, f"output_dir={output_dir}", "log.progress=false", *extra])
@@ -76,8 +76,8 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
     """Median step time, samples/s and peak memory of one setting, in this process."""
     import torch
 
-    from distrain.metrics import peak_memory_mb
-    from distrain.throughput import mfu
+    from distrain.observe.metrics import peak_memory_mb
+    from distrain.observe.throughput import mfu
 
     with tempfile.TemporaryDirectory(prefix="distrain-bench-") as tmp:
         trainer = build_trainer(overrides, tmp, flops=True)

@@ -27,10 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distrain.backends import LaunchError
-from distrain.config import ConfigError
+from distrain.errors import ConfigError, LaunchError
 
-RUN_PY = Path(__file__).resolve().parent / "run.py"
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 USAGE = "usage: distrain launch [accelerate launch options] recipe=<name|path.py> [key=value ...]"
 # Signals the agent forwards to the workers: its defaults plus SIGUSR1 (Slurm's warning signal), which
 # would otherwise kill the launcher and orphan the training processes.

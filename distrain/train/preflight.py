@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distrain.batch_size import sample_batch
-from distrain.config import ConfigError
-from distrain.data import move_to
+from distrain.errors import ConfigError
 from distrain.recipe import check_metrics, check_model, check_step_output, error_line
+from distrain.train.batch_size import sample_batch
+from distrain.train.data import move_to
 
 SAMPLES = 4  # enough to tell a per-sample loss [B] from a batch-reduced [1]; cheap on any model
 

@@ -1,0 +1,1 @@
+"""What a run reports: logging, metrics rows, trackers, throughput and MFU, classification metrics."""

@@ -1,0 +1,1 @@
+"""The commands around training: launch, Slurm, sweeps, benchmarks, profiling, reports, plots."""

@@ -1,0 +1,1 @@
+"""The training loop: the Trainer and the parts of a step (data, optimizer, signals, seeds, run dir)."""
