@@ -4,9 +4,11 @@ from distrain.config import Config, DataConfig, opt
 from distrain.errors import ConfigError
 from distrain.recipe import Splits, StepOutput
 from distrain.train.data import ArrayDataset
+from distrain.version import __version__
 
-__all__ = ["ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "load_model", "opt"]
-__version__ = "0.1.0"
+__all__ = [
+    "ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "__version__", "load_model", "opt",
+]
 
 
 def load_model(path: str, trust_recipe: bool = False) -> "torch.nn.Module":  # noqa: F821 (torch is imported lazily)

@@ -8,13 +8,14 @@ Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr), 3 launc
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
-import logging
 import os
 import sys
+from collections.abc import Callable
 
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, DistrainError, LaunchError, TrainingError
 
 # command -> (module under distrain., function, one-line help); each function takes argv and returns an exit code
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -32,9 +33,28 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 USAGE = "usage: distrain <command> [args]\n\ncommands:\n"
 
 
+def report(e: DistrainError) -> int:
+    """The one place an error becomes what the user sees: one line on stderr, and its exit code."""
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
+def command(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """Decorates a command's main(argv): a DistrainError raised inside becomes report's line and code."""
+
+    @functools.wraps(main)
+    def checked(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except DistrainError as e:
+            return report(e)
+
+    return checked
+
+
 def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """A usage error of the command line itself (exit code 2)."""
+    return report(ConfigError(message))
 
 
 def run_main(argv: list[str]) -> int:
@@ -54,6 +74,8 @@ def run_main(argv: list[str]) -> int:
         raise
     finally:
         write_launch_status(code)
+    from distrain.parallel.launch import leave_process_group
+
     return leave_process_group(code)
 
 
@@ -79,11 +101,9 @@ def write_launch_status(code: int) -> None:
             os.unlink(tmp)
 
 
-def _refuse(message: str, code: int) -> int:
+def _refuse(e: DistrainError) -> int:
     """A bad-input or launch error raised on every rank at once: one line (rank 0's), every rank exits."""
-    if _rank() == 0:
-        print(f"error: {message}", file=sys.stderr)
-    return code
+    return report(e) if _rank() == 0 else e.exit_code
 
 
 def _run(argv: list[str]) -> int:
@@ -99,62 +119,30 @@ def _run(argv: list[str]) -> int:
     try:
         cfg, recipe = resolve_config(argv)
     except ConfigError as e:
-        return _refuse(str(e), 2)
+        return _refuse(e)
     if wants_help or cfg.print_config:
         print(f"# recipe {recipe.name}: {recipe.description}")
         print(describe(cfg))
         return 0
-    from distrain.errors import LaunchError, TrainingError
     from distrain.train.trainer import Trainer
 
     # Trainer() raises its ConfigErrors and LaunchErrors on every rank (rank 0's refusals are
     # broadcast), so each rank may go on to leave_process_group's barrier.
     try:
         trainer = Trainer(cfg, recipe)
-    except ConfigError as e:
-        return _refuse(str(e), 2)
-    except LaunchError as e:
-        return _refuse(str(e), 3)
+    except (ConfigError, LaunchError) as e:
+        return _refuse(e)
     try:
         summary = trainer.train()
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report(e)
     except ConfigError as e:  # found while training (a failed checkpoint write), maybe on one rank only
-        error(str(e))
-        _exit_alone(2)
+        from distrain.parallel.launch import exit_alone
+
+        write_launch_status(report(e))
+        exit_alone(e.exit_code)
+        return e.exit_code
     return int(summary.get("exit_code", 0))
-
-
-def _exit_alone(code: int) -> None:
-    """Leave without the barrier, which a rank that did not fail might never reach."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        write_launch_status(code)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def leave_process_group(code: int) -> int:
-    """End a multi-process run together and exit without C++ teardown.
-
-    With gloo, a rank whose interpreter tears the process group down while a peer is still
-    finishing aborts now and then ("terminate called without an active exception", about 1 run
-    in 20 here). Everything is written and closed at this point, so after a barrier the ranks
-    leave with os._exit, which skips those destructors.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return code
-    dist.barrier()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def recipes_main(argv: list[str]) -> int:

@@ -132,7 +132,7 @@ def versions() -> dict[str, str]:
     import accelerate
     import safetensors
 
-    from distrain import __version__
+    from distrain.version import __version__
 
     return {"distrain": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
             "safetensors": safetensors.__version__}  # fmt: skip

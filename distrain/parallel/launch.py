@@ -5,7 +5,9 @@ the precision, FSDP claimed from accelerate, the Accelerator, torch's global swi
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -159,6 +161,38 @@ def _close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def exit_alone(code: int) -> None:
+    """Leave a multi-process run without the barrier, which a rank that did not fail might never reach."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _exit_now(code)
+
+
+def leave_process_group(code: int) -> int:
+    """End a multi-process run together and exit without C++ teardown.
+
+    With gloo, a rank whose interpreter tears the process group down while a peer is still
+    finishing aborts now and then ("terminate called without an active exception").
+    Everything is written and closed at this point, so after a barrier the ranks leave with
+    os._exit, which skips those destructors. One process returns the code.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return code
+    dist.barrier()
+    _exit_now(code)
+    return code  # not reached
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def configure_torch(cfg: Config) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distrain.cli import command
 from distrain.errors import ConfigError, LaunchError
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
@@ -378,12 +379,6 @@ def launch(argv: list[str]) -> int:
     return run_distributed(options, recipe_args)
 
 
+@command
 def main(argv: list[str]) -> int:
-    try:
-        return launch(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    return launch(argv)

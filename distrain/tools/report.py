@@ -13,10 +13,10 @@ import html
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from distrain.cli import command
 from distrain.errors import ConfigError
 from distrain.observe.classification import plot_confusion
 
@@ -327,14 +327,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     return md, page
 
 
+@command
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: distrain report <run dir>   writes report.md and a self-contained report.html there")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        md, page = write_report(argv[0])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    md, page = write_report(argv[0])
     print(f"wrote {md} and {page}")
     return 0

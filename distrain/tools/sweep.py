@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from distrain.cli import command
 from distrain.config import parse_value
 from distrain.errors import ConfigError, Interrupted
 
@@ -308,59 +309,56 @@ def _take_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, flags
 
 
+@command
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    try:
-        argv, flags = _take_flags(argv)
-        settings, fixed, space = parse_args(argv)
-        sweep_dir = Path(settings["sweep_dir"]) if settings["sweep_dir"] else None
-        spec_path = sweep_dir / "sweep.yaml" if sweep_dir else None
-        if spec_path is not None and spec_path.is_file():  # resume (or an array worker): the saved spec rules
-            spec = yaml.safe_load(spec_path.read_text())
-            given = {"fixed": fixed, "space": [vars(p) for p in space]}
-            if (fixed or space) and given != {k: spec[k] for k in given}:
-                raise ConfigError(
-                    f"sweep_dir={sweep_dir} holds a sweep with other arguments; "
-                    "give the same ones (or none) to resume, or a new sweep_dir"
-                )
-            spec["trials"] = settings["trials"] if any(a.startswith("trials=") for a in argv) else spec["trials"]
-        else:
-            if flags["worker"]:
-                raise ConfigError(f"--worker needs sweep_dir= of an existing sweep (no {spec_path})")
-            if not space:
-                raise ConfigError(
-                    "no search space given; e.g. 'optim.lr=loguniform(1e-4,1e-2)' 'model.hidden=choice(64,128)'"
-                )
-            cfg = check_space(fixed, space)
-            if sweep_dir is None:
-                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-                sweep_dir = Path("runs") / "sweeps" / Path(cfg.recipe).stem / stamp
-            spec = {
-                "fixed": fixed,
-                "space": [vars(p) for p in space],
-                "trials": settings["trials"],
-                "seed": settings["seed"],
-                "prune_warmup": settings["prune_warmup"],
-                "metric": cfg.train.metric,
-                "direction": "minimize" if cfg.train.mode == "min" else "maximize",
-            }
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        if flags["slurm_array"]:
-            from distrain.tools.slurm import submit_array
-
-            open_study(sweep_dir, spec["direction"], spec["seed"], worker=False)  # create the DB before workers race
-            command = [sys.executable, "-m", "distrain.cli", "sweep", "--worker", f"sweep_dir={sweep_dir.resolve()}"]
-            job = submit_array(command, flags["slurm_array"], **flags["slurm"])
-            print(
-                f"submitted Slurm array job {job}: {flags['slurm_array']} workers on {sweep_dir / 'study.db'}; "
-                f"then `distrain sweep sweep_dir={sweep_dir}` prints the best trial"
+    argv, flags = _take_flags(argv)
+    settings, fixed, space = parse_args(argv)
+    sweep_dir = Path(settings["sweep_dir"]) if settings["sweep_dir"] else None
+    spec_path = sweep_dir / "sweep.yaml" if sweep_dir else None
+    if spec_path is not None and spec_path.is_file():  # resume (or an array worker): the saved spec rules
+        spec = yaml.safe_load(spec_path.read_text())
+        given = {"fixed": fixed, "space": [vars(p) for p in space]}
+        if (fixed or space) and given != {k: spec[k] for k in given}:
+            raise ConfigError(
+                f"sweep_dir={sweep_dir} holds a sweep with other arguments; "
+                "give the same ones (or none) to resume, or a new sweep_dir"
             )
-            return 0
-        print(f"sweep {sweep_dir}: {spec['trials']} trials, {spec['direction']} {spec['metric']}", flush=True)
-        return optimize(sweep_dir, spec, worker=flags["worker"])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        spec["trials"] = settings["trials"] if any(a.startswith("trials=") for a in argv) else spec["trials"]
+    else:
+        if flags["worker"]:
+            raise ConfigError(f"--worker needs sweep_dir= of an existing sweep (no {spec_path})")
+        if not space:
+            raise ConfigError(
+                "no search space given; e.g. 'optim.lr=loguniform(1e-4,1e-2)' 'model.hidden=choice(64,128)'"
+            )
+        cfg = check_space(fixed, space)
+        if sweep_dir is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            sweep_dir = Path("runs") / "sweeps" / Path(cfg.recipe).stem / stamp
+        spec = {
+            "fixed": fixed,
+            "space": [vars(p) for p in space],
+            "trials": settings["trials"],
+            "seed": settings["seed"],
+            "prune_warmup": settings["prune_warmup"],
+            "metric": cfg.train.metric,
+            "direction": "minimize" if cfg.train.mode == "min" else "maximize",
+        }
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    if flags["slurm_array"]:
+        from distrain.tools.slurm import submit_array
+
+        open_study(sweep_dir, spec["direction"], spec["seed"], worker=False)  # create the DB before workers race
+        command = [sys.executable, "-m", "distrain.cli", "sweep", "--worker", f"sweep_dir={sweep_dir.resolve()}"]
+        job = submit_array(command, flags["slurm_array"], **flags["slurm"])
+        print(
+            f"submitted Slurm array job {job}: {flags['slurm_array']} workers on {sweep_dir / 'study.db'}; "
+            f"then `distrain sweep sweep_dir={sweep_dir}` prints the best trial"
+        )
+        return 0
+    print(f"sweep {sweep_dir}: {spec['trials']} trials, {spec['direction']} {spec['metric']}", flush=True)
+    return optimize(sweep_dir, spec, worker=flags["worker"])

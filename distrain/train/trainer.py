@@ -650,7 +650,7 @@ class Trainer:
 
     def _close_trackers(self) -> None:
         # Not accelerator.end_training(): it also destroys the process group while other ranks may
-        # still be writing, which aborts gloo ranks; cli.leave_process_group ends multi-process runs.
+        # still be writing, which aborts gloo ranks; parallel.launch.leave_process_group ends multi-process runs.
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
