@@ -60,7 +60,7 @@ def live_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     state {"state": {name: {...}}, "param_groups": [...]}) without its per-call bookkeeping,
     which costs milliseconds and dominates small checkpoints. An optimizer that has not stepped
     yet gets its state first (a zero-lr step, as DCP does). The model state holds the
-    parameters themselves (keep_vars: a DTensor's detach costs ~20 us); nothing here needs grad.
+    parameters themselves (keep_vars: a DTensor's detach is not free); nothing here needs grad.
     """
     if not optimizer.state:
         from torch.distributed.checkpoint.state_dict import _init_optim_state

@@ -1,13 +1,14 @@
 """One safetensors file of a checkpoint: written by the safetensors serializer, read through a
 memory map.
 
-Both directions skip per-tensor Python work that dominates small states (a har shard holds ~70
-tensors): `safetensors.torch.save_file` spends ~20 us a tensor checking for shared storage and
-building numpy views before its Rust serializer runs, and `safe_open(...).get_tensor` ~11 us a
-tensor. Writing passes `safetensors.TensorSpec`s (pointer, length, dtype, shape) straight to
-the library's serializer; the checkpoint code guarantees what it needs (CPU, contiguous), and
-tensors sharing storage are simply written twice. Reading parses the format's header (8-byte little-endian length,
-JSON) and returns views of a private memory map, so a tensor costs one `torch.frombuffer`.
+Both directions skip per-tensor Python work that dominates small states of many tensors:
+`safetensors.torch.save_file` checks every tensor for shared storage and builds numpy views
+before its Rust serializer runs, and `safe_open(...).get_tensor` has its own per-tensor cost
+(docs/performance.md has the figures). Writing passes `safetensors.TensorSpec`s (pointer,
+length, dtype, shape) straight to the library's serializer; the checkpoint code guarantees what
+it needs (CPU, contiguous), and tensors sharing storage are simply written twice. Reading
+parses the format's header (8-byte little-endian length, JSON) and returns views of a private
+memory map, so a tensor costs one `torch.frombuffer`.
 tests/test_shard_file.py checks both against `safetensors.torch.save_file` / `load_file`.
 """
 
@@ -75,7 +76,7 @@ class ShardFile:
         if header_len > size - 8:
             raise ShardFileError(f"{self.path}: header of {header_len} bytes in a file of {size} (truncated?)")
         try:
-            header = orjson.loads(self._map[8 : 8 + header_len])  # 34 us against json's 82 for a har shard
+            header = orjson.loads(self._map[8 : 8 + header_len])  # orjson: the header is parsed on every load
         except orjson.JSONDecodeError as e:  # invalid UTF-8 included
             raise ShardFileError(f"{self.path}: unreadable header ({e})") from None
         if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
@@ -118,8 +119,8 @@ class ShardFile:
         """Copy tensor `name` into `dst` straight from the mapped bytes (one memmove, no tensor made)
         if dst is a contiguous CPU tensor of its dtype and shape; False (nothing done) otherwise.
         The C library's memmove also beats Tensor.copy_ on large copies (its non-temporal stores,
-        used above ~3/4 of the last-level cache, skip reading the destination first: 600 MB in 52
-        ms against 95 here). The version counter is bumped as copy_ would."""
+        used above ~3/4 of the last-level cache, skip reading the destination first). The
+        version counter is bumped as copy_ would."""
         dtype, shape, start, nbytes = self.span(name)
         if dst.dtype != dtype or not dst.is_cpu or list(dst.shape) != shape or not dst.is_contiguous():
             return False

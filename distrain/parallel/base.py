@@ -152,8 +152,8 @@ class Backend:
 
     # -- weights
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        # Peeled here rather than by accelerate's unwrap_model, which imports deepspeed (~1.5 s
-        # and a "Setting accelerator" warning) whenever it is installed, even for plain DDP.
+        # Peeled here rather than by accelerate's unwrap_model, which imports deepspeed (slow, and a
+        # "Setting accelerator" warning) whenever it is installed, even for plain DDP.
         while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         return getattr(model, "_orig_mod", model)  # a torch.compile wrapper

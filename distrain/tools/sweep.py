@@ -15,8 +15,8 @@ The best trial's config is printed and saved as `<sweep_dir>/best_config.yaml`, 
 `distrain run config=<sweep_dir>/best_config.yaml`.
 
 Trials run one after another in this process (each builds its own Trainer): a trial of a small
-recipe takes seconds, and the ~5 s a fresh interpreter + accelerate import would cost per trial
-would dominate. For parallel trials, `--slurm-array N` submits N Slurm array tasks that each run
+recipe takes seconds, and a fresh interpreter plus accelerate import per trial would dominate.
+For parallel trials, `--slurm-array N` submits N Slurm array tasks that each run
 `distrain sweep --worker sweep_dir=...` and pull trials from the same study.
 """
 
