@@ -41,7 +41,9 @@ from distrain.config import Config, DataConfig, apply_dict, load_yaml, parse_ove
 from distrain.errors import ConfigError
 from distrain.train.data import batch_size_of
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The built-in recipes: the package's recipes/ folder (in a checkout a link to the repository's recipes/),
+# resolved so that messages and trust checks name the real files.
+RECIPES_DIR = (Path(__file__).resolve().parent / "recipes").resolve()
 
 
 @dataclass

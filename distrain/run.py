@@ -1,4 +1,5 @@
-"""Entry point: `accelerate launch distrain/run.py recipe=har [key=value ...]`, or `python distrain/run.py ...`."""
+"""Entry point: `accelerate launch -m distrain.run recipe=har [key=value ...]` or `python -m distrain.run ...`
+(in a checkout also `accelerate launch distrain/run.py ...` and `python distrain/run.py ...`)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from torch import nn
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
 from distrain.observe.classification import classification_metrics, save_confusion
-from recipes._pests_data import ImageSet, load_digits_images, read_image, scan_folders, scan_lists
+from distrain.recipes._pests_data import ImageSet, load_digits_images, read_image, scan_folders, scan_lists
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 
 from distrain import ConfigError, Splits, StepOutput, opt
 from distrain import DataConfig as BaseDataConfig
-from recipes._traffic_data import load_series
+from distrain.recipes._traffic_data import load_series
 
 FORECASTERS = ("", "naive_", "snaive_")  # metric prefixes: model, last value, seasonal naive
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
+# The repository root, for `from recipes.har import ...`: the installed package holds no top-level `recipes`.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,10 @@
-"""`distrain slurm submit`: render a batch template from slurm/ with concrete values and sbatch it.
+"""`distrain slurm submit`: render a batch template (distrain/templates/slurm/) with concrete values and sbatch it.
 
 Every `#SBATCH` line is rendered with literal values (sbatch does not expand shell variables
 there), while per-node values such as `$SLURM_NODEID` stay quoted in the script so that they
 expand on each node. What the job does on USR1/TERM (forward, save, requeue, resume) lives in
-slurm/common.sh, inlined into every rendered script.
+templates/slurm/common.sh, inlined into every rendered script. The templates start training with
+`accelerate launch -m distrain.run`, so a job runs whichever distrain its Python imports (a checkout or a wheel).
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distrain.errors import ConfigError
+from distrain.templates import LAUNCH_CONFIGS
+from distrain.templates import SLURM as TEMPLATES
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = REPO / "slurm"
-LAUNCH_CONFIGS = REPO / "launch_configs"
-RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 ENV_MASK = Path(__file__).resolve().with_name("env_mask.py")  # prints the job's environment with secrets masked
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
@@ -211,7 +210,6 @@ def render_training(
     values = _common_values(opts, opts.job_name or f"distrain-{Path(recipe).stem}", len(array))
     values.update(
         launch_config=_launch_config(launch_config, opts),
-        run_py=shlex.quote(str(RUN_PY)),
         overrides=" ".join(words),
         task_args=_task_args(array),
     )
