@@ -315,3 +315,16 @@ def test_master_port_from_the_shell_is_not_taken_for_a_launcher(launcher_argv, r
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_config_file_may_name_a_shipped_launch_config(cwd, tmp_path):
+    """Installed users write `--config_file cpu_ddp`; a real file of that name, or an unknown name, stays as given."""
+    from distrain.templates import LAUNCH_CONFIGS
+    from distrain.tools.launch import split_argv
+
+    shipped = str(LAUNCH_CONFIGS / "cpu_ddp.yaml")
+    assert split_argv(["--config_file", "cpu_ddp", "recipe=har"]) == (["--config_file", shipped], ["recipe=har"])
+    assert split_argv(["--config_file=cpu_ddp.yaml", "--", "recipe=har"])[0] == [f"--config_file={shipped}"]
+    (cwd / "cpu_ddp").write_text("distributed_type: NO\n")
+    assert split_argv(["--config_file", "cpu_ddp", "recipe=har"])[0] == ["--config_file", "cpu_ddp"]
+    assert split_argv(["--config_file", "nope", "recipe=har"])[0] == ["--config_file", "nope"]

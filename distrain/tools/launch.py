@@ -43,11 +43,29 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(accelerate options, distrain's key=value args): split at `--`, else at the first key=value token."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
+        return with_shipped_config(argv[:i]), argv[i + 1 :]
     for i, arg in enumerate(argv):
         if not arg.startswith("-") and "=" in arg:
-            return argv[:i], argv[i:]
-    return argv, []
+            return with_shipped_config(argv[:i]), argv[i:]
+    return with_shipped_config(argv), []
+
+
+def with_shipped_config(options: list[str]) -> list[str]:
+    """`--config_file cpu_ddp` names a launch config distrain ships (no such file here): its path,
+    so installed users need not know where the package lives."""
+    from distrain.templates import LAUNCH_CONFIGS
+
+    def shipped(value: str) -> str:
+        path = LAUNCH_CONFIGS / (value if value.endswith(".yaml") else f"{value}.yaml")
+        return str(path) if "/" not in value and not os.path.exists(value) and path.is_file() else value
+
+    out = list(options)
+    for i, option in enumerate(out):
+        if option == "--config_file" and i + 1 < len(out):
+            out[i + 1] = shipped(out[i + 1])
+        elif option.startswith("--config_file="):
+            out[i] = "--config_file=" + shipped(option.split("=", 1)[1])
+    return out
 
 
 def parse_launch_args(options: list[str], recipe_args: list[str]) -> argparse.Namespace:
