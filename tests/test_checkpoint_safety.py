@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from distrain import checkpoint as ck
 from distrain.checkpoint import export
+from distrain.checkpoint import integrity as ck_verify
 from distrain.checkpoint import load as checkpoint_load
 from distrain.checkpoint import save as ck_save
 from distrain.checkpoint.layout import live_states
@@ -432,16 +433,16 @@ def _two_rank_worker(rank: int, port: int, run: str, out: dict) -> None:
         ck_save.write_shard = real_write
         out[f"leftovers/{rank}"] = sorted(p.name for p in root.glob(".tmp-*"))
         # an OSError while hashing step_2 on rank 1 only: both ranks skip it and take step_1
-        real_hash = ck.block_checksums
+        real_hash = ck_verify.block_checksums
         if rank == 1:
             def failing_hash(path, blocks=range(ck.BLOCKS)):
                 if ck.step_name(2) in str(path):
                     raise OSError(errno.EIO, "Input/output error")
                 return real_hash(path, blocks)
 
-            ck.block_checksums = failing_hash
+            ck_verify.block_checksums = failing_hash
         attempt("choose", lambda: ck.choose("auto", Path(run), rank, 2)[0].name)
-        ck.block_checksums = real_hash
+        ck_verify.block_checksums = real_hash
         # A bad shard header found while loading. Hashing while loading: shard-00000 is damaged, rank 0
         # hashes it, rank 1 also reads one of its tensors (the others of its own shard are deferred).
         # Verified first, COMPLETE vouching for the damaged file: shard-00001, only rank 1 reads it.

@@ -128,3 +128,16 @@ def test_every_command_module_imports(command):
 
     module, function, _ = COMMANDS[command]
     assert callable(getattr(importlib.import_module(f"distrain.{module}"), function))
+
+
+def test_no_package_name_shadows_its_submodule():
+    """`from distrain.checkpoint import verify` must not mean a function in one place and a module in another."""
+    import inspect
+
+    for m, path in MODULES.items():
+        if path.name != "__init__.py" or m == "distrain":
+            continue
+        package = importlib.import_module(m)
+        for sub in path.parent.glob("*.py"):
+            value = getattr(package, sub.stem, None)
+            assert value is None or inspect.ismodule(value), f"{m}.{sub.stem} is a {type(value).__name__}"

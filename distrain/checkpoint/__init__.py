@@ -16,7 +16,7 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
 One file per step of a checkpoint's life: format.py (names, checksums, JSON), layout.py (what each
 rank writes and the index's piece map), shard_file.py (one rank's file), save.py (write, commit,
-retention), verify.py (checksums and completeness), find.py (which checkpoint to resume), load.py
+retention), integrity.py (checksums and completeness), find.py (which checkpoint to resume), load.py
 (read back into a live model and optimizer), manager.py (the Trainer's save and resume), export.py
 (consolidated weights), resume_check.py (which settings may change on resume). No pickle: tensors
 are safetensors, everything else JSON. This module re-exports the names callers use.
@@ -40,8 +40,8 @@ from distrain.checkpoint.format import (
     step_dirs,
     step_name,
 )
+from distrain.checkpoint.integrity import HASH_WHILE_LOADING_ENV, hashed_while_loading, verify
 from distrain.checkpoint.save import apply_retention, flush_pending, save_checkpoint
-from distrain.checkpoint.verify import HASH_WHILE_LOADING_ENV, hashed_while_loading, verify
 from distrain.errors import CheckpointError, ChecksumError
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Any
 
 from distrain.checkpoint.collective import agree_failed
 from distrain.checkpoint.format import ABANDONED, CKPT_DIR, COMPLETE, INDEX, LATEST, STATE, log, read_json, step_dirs
+from distrain.checkpoint.integrity import verify_together
 from distrain.checkpoint.save import point_latest, restore_replaced
-from distrain.checkpoint.verify import verify_together
 from distrain.checkpoint.weights import fsync_path
 from distrain.errors import CheckpointError
 

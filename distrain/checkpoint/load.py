@@ -17,9 +17,9 @@ from torch.autograd.graph import increment_version
 
 from distrain.checkpoint.collective import agree_failed
 from distrain.checkpoint.format import BLOCKS, INDEX, block_size, plain_name, read_json, shard_name
+from distrain.checkpoint.integrity import describe_fault, hashed_while_loading, recorded_files, verify
 from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, local_tensor, unflatten_optim
 from distrain.checkpoint.shard_file import ShardFile, ShardFileError
-from distrain.checkpoint.verify import describe_fault, hashed_while_loading, recorded_files, verify
 from distrain.errors import CheckpointError, ChecksumError
 
 

@@ -37,9 +37,9 @@ from distrain.checkpoint.format import (
     shard_name,
     step_dirs,
 )
+from distrain.checkpoint.integrity import verify
 from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, layout, rank_tensors
 from distrain.checkpoint.shard_file import write_shard
-from distrain.checkpoint.verify import verify
 from distrain.checkpoint.weights import fsync_path, write_synced
 from distrain.errors import CheckpointError
 from distrain.fault_points import fault_point

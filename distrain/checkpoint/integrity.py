@@ -1,4 +1,4 @@
-"""Verification: a folder is complete and its bytes match the checksums COMPLETE records."""
+"""Integrity: a folder is complete and its bytes match the checksums COMPLETE records."""
 
 from __future__ import annotations
 
