@@ -48,7 +48,7 @@ def build(name: str) -> tuple[torch.nn.Module, tuple[type, ...]]:
         from recipes.har import EncoderBlock, HARModel, ModelConfig  # noqa: F401
 
         cfg, recipe = resolve_config(["recipe=har"])
-        return recipe.build_model(cfg), (EncoderBlock,)
+        return recipe.bind(cfg, recipe.load_datasets(cfg).info).build_model(), (EncoderBlock,)
     width, depth = 2048, 24  # 24 x (2048 x 2048 + 2048) = 100.7M parameters
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)]), (torch.nn.Linear,)
 

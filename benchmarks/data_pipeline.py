@@ -43,7 +43,7 @@ class PerSample(torch.utils.data.Dataset):
 
 def build_datasets(cfg):
     s = _columns(cfg)
-    return Splits(PerSample(s.train), PerSample(s.val), PerSample(s.test))
+    return Splits(PerSample(s.train), PerSample(s.val), PerSample(s.test), info=s.info)
 '''
 
 

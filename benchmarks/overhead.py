@@ -39,7 +39,8 @@ SEED = 0
 
 def setup(batch: int, steps: int):
     cfg, recipe = resolve_config(["recipe=har", f"data.batch_size={batch}", f"train.max_steps={steps}"])
-    splits = recipe.build_datasets(cfg)
+    splits = recipe.load_datasets(cfg)
+    recipe = recipe.bind(cfg, splits.info)
     train = ArrayDataset(splits.train)
     plan = BatchPlan(num_samples=len(train), micro_batch=batch, grad_accum=1, world_size=1, rank=0, seed=SEED)
     if steps > plan.steps_per_epoch:  # later batches would be short or empty: the loops would not compare
@@ -53,7 +54,7 @@ def setup(batch: int, steps: int):
 
 def make_model(cfg, recipe) -> torch.nn.Module:
     torch.manual_seed(SEED)  # the trainer seeds, builds the datasets (no torch RNG), then the model
-    model = recipe.build_model(cfg)
+    model = recipe.build_model()
     torch.manual_seed(SEED + 7919)  # the trainer's dropout stream for rank 0
     return model
 

@@ -2,24 +2,28 @@
 
 A recipe is a Python module that defines:
 
-    ModelConfig       a dataclass of model settings (the `model.*` keys)
-    DataConfig        a dataclass subclassing distrain.DataConfig (the `data.*` keys)
-    build_model(cfg)  -> torch.nn.Module
-    build_datasets(cfg) -> Splits(train, val, test=None)   torch or Hugging Face datasets
-    step(model, batch[, cfg]) -> StepOutput(loss=<per-sample losses>, preds=..., targets=...)
-    metrics(preds, targets[, cfg]) -> dict[str, float]     evaluation metrics
+    ModelConfig                         a dataclass of model settings (the `model.*` keys)
+    DataConfig                          a dataclass subclassing distrain.DataConfig (the `data.*` keys)
+    build_datasets(cfg)                 -> Splits(train, val, test=None, info={})
+    build_model(cfg, info)              -> torch.nn.Module
+    step(cfg, info, model, batch)       -> StepOutput(loss=<per-sample losses>, preds=..., targets=...)
+    metrics(cfg, info, preds, targets)  -> dict[str, float]     evaluation metrics
 
-and optionally `SHARD_BLOCKS` (class names FSDP wraps one by one and may checkpoint
-activations for), `validate(cfg)` (raise ConfigError on bad settings) and
-`report(run_dir, split, preds, targets, cfg)` (plots and tables written at the end) and
-`tokens(batch) -> int` (tokens in a micro-batch, for tokens/s; keep it cheap, no device sync).
-Defaults for any key live in `<recipe>.yaml` beside the module. The module docstring's
-first line is the recipe's one-line description.
+One rule for the arguments: every function gets the run's `cfg` first, and every function
+called after build_datasets gets its `info` second (a dict of what it learned from the data:
+class names, channels, vocabulary, scaler statistics...). Optional: `SHARD_BLOCKS` (class
+names FSDP wraps one by one and may checkpoint activations for, or a function
+`(cfg, info, model)` returning them), `validate(cfg)` (raise ConfigError on bad settings),
+`report(cfg, info, run_dir, split, preds, targets)` (plots and tables written at the end) and
+`tokens(cfg, info, batch) -> int` (tokens in a micro-batch, for tokens/s; keep it cheap, no
+device sync). Defaults for any key live in `<recipe>.yaml` beside the module. The module
+docstring's first line is the recipe's one-line description.
 
-What these return is checked on every call (a ConfigError naming the recipe: a step's loss,
-preds and targets have one row per sample), and before anything is written distrain calls
-step and metrics once on a few validation samples in eval mode (distrain.train.preflight), so a
-metrics function that counts its calls sees one call more than there are evaluations.
+Each function's parameters are checked against the contract when the recipe loads, and what
+they return on every call (a ConfigError naming the recipe: a step's loss, preds and targets
+have one row per sample); before anything is written distrain calls step and metrics once on
+a few validation samples in eval mode (distrain.train.preflight), so a metrics function that
+counts its calls sees one call more than there are evaluations.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
+import json
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -62,13 +68,40 @@ class StepOutput:
 
 @dataclass
 class Splits:
+    """What build_datasets returns: the splits, and `info`, what it learned from the data that
+    build_model, step, metrics and report need too (class names, channels, scaler statistics...).
+
+    `info` holds JSON values (dicts with string keys, lists, numbers, strings, booleans, None):
+    checkpoints store it, so that load_model and export build the model without the data.
+    """
+
     train: Any
     val: Any
     test: Any | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+INFO_KEY = "recipe_info"  # Splits.info's key in trainer_state.json and in the metadata of the weights distrain writes
+
+# The arguments distrain passes to each function of a recipe, in order (validate: before the data).
+CONTRACT = {
+    "validate": ("cfg",),
+    "build_datasets": ("cfg",),
+    "build_model": ("cfg", "info"),
+    "step": ("cfg", "info", "model", "batch"),
+    "metrics": ("cfg", "info", "preds", "targets"),
+    "report": ("cfg", "info", "run_dir", "split", "preds", "targets"),
+    "tokens": ("cfg", "info", "batch"),
+    "SHARD_BLOCKS": ("cfg", "info", "model"),
+}
+
+ShardBlocks = tuple[str, ...] | Callable[[Config, dict[str, Any], torch.nn.Module], Iterable[str]]
 
 
 @dataclass
 class Recipe:
+    """A loaded recipe module: its functions as written, with the contract's arguments."""
+
     name: str
     description: str
     path: Path
@@ -76,40 +109,118 @@ class Recipe:
     model_config: type
     data_config: type
     defaults: dict[str, Any]
-    build_model: Callable[[Config], torch.nn.Module]
+    build_model: Callable[[Config, dict[str, Any]], torch.nn.Module]
     build_datasets: Callable[[Config], Splits]
-    step: Callable[[torch.nn.Module, Any], StepOutput]
-    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
-    shard_blocks: tuple[str, ...] = ()
+    step: Callable[[Config, dict[str, Any], torch.nn.Module, Any], StepOutput]
+    metrics: Callable[[Config, dict[str, Any], torch.Tensor, torch.Tensor], dict[str, Any]]
+    shard_blocks: ShardBlocks = ()
     validate: Callable[[Config], None] | None = None
     report: Callable[..., None] | None = None
-    tokens: Callable[[Any], int] | None = None
+    tokens: Callable[[Config, dict[str, Any], Any], int] | None = None
 
+    def load_datasets(self, cfg: Config) -> Splits:
+        """build_datasets(cfg), checked: a Splits whose info holds JSON values (see check_splits)."""
+        return check_splits(self.build_datasets(cfg), f"recipe={cfg.recipe}")
 
-    def bind(self, cfg: Config) -> Recipe:
-        """A copy whose step and metrics take the config when they ask for it as a third argument,
-        and whose build_model, step and metrics check what they return (one ConfigError line)."""
+    def bind(self, cfg: Config, info: dict[str, Any]) -> BoundRecipe:
+        """The calls distrain makes for one run, with `cfg` and build_datasets' `info` filled in
+        and what each returns checked (one ConfigError line naming the recipe)."""
         where = f"recipe={cfg.recipe}"
-        step, metrics, build_model = _with_cfg(self.step, cfg, 2), _with_cfg(self.metrics, cfg, 2), self.build_model
+        build_model, step, metrics, report, tokens = self.build_model, self.step, self.metrics, self.report, self.tokens
+        blocks = self.shard_blocks
 
-        def checked_build_model(c: Config) -> torch.nn.Module:
-            return check_model(build_model(c), where)
+        def checked_build_model() -> torch.nn.Module:
+            return check_model(build_model(cfg, info), where)
 
         def checked_step(model: torch.nn.Module, batch: Any) -> StepOutput:
-            return check_step_output(step(model, batch), batch, where)
+            return check_step_output(step(cfg, info, model, batch), batch, where)
 
         def checked_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-            return check_metrics(metrics(preds, targets), where)
+            return check_metrics(metrics(cfg, info, preds, targets), where)
 
-        return dataclasses.replace(self, step=checked_step, metrics=checked_metrics, build_model=checked_build_model)
+        def shard_blocks(model: torch.nn.Module) -> tuple[str, ...]:
+            return check_shard_blocks(blocks(cfg, info, model), where, returned=True) if callable(blocks) else blocks
+
+        return BoundRecipe(
+            name=self.name,
+            path=self.path,
+            cfg=cfg,
+            info=info,
+            build_model=checked_build_model,
+            step=checked_step,
+            metrics=checked_metrics,
+            shard_blocks=shard_blocks,
+            report=None if report is None else lambda run_dir, split, p, y: report(cfg, info, run_dir, split, p, y),
+            tokens=None if tokens is None else lambda batch: tokens(cfg, info, batch),
+        )
 
 
-def _with_cfg(fn: Callable, cfg: Config, base_args: int) -> Callable:
-    import functools
-    import inspect
+@dataclass(frozen=True)
+class BoundRecipe:
+    """A recipe bound to one run's config and to the info its build_datasets returned (Recipe.bind)."""
 
-    params = inspect.signature(fn).parameters
-    return functools.partial(fn, cfg=cfg) if len(params) > base_args and "cfg" in params else fn
+    name: str
+    path: Path
+    cfg: Config
+    info: dict[str, Any]
+    build_model: Callable[[], torch.nn.Module]
+    step: Callable[[torch.nn.Module, Any], StepOutput]
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
+    shard_blocks: Callable[[torch.nn.Module], tuple[str, ...]]
+    report: Callable[[Path, str, torch.Tensor, torch.Tensor], None] | None = None
+    tokens: Callable[[Any], int] | None = None
+
+    def weights_metadata(self) -> dict[str, str]:
+        """safetensors metadata for this run's weights files: the info, so load_model reads no data."""
+        return {INFO_KEY: json.dumps(self.info)}
+
+
+def check_splits(splits: Any, where: str) -> Splits:
+    """build_datasets' result: a Splits whose info is a dict of JSON values, given back as JSON
+    gives it back (tuples become lists), so training sees the info that load_model will."""
+    if not isinstance(splits, Splits):
+        raise ConfigError(
+            f"{where}: build_datasets returned {type(splits).__name__}, not distrain.Splits(train=..., val=...)"
+        )
+    if not isinstance(splits.info, dict):
+        raise ConfigError(f"{where}: build_datasets returned Splits.info of type {type(splits.info).__name__}, "
+                          "not a dict")  # fmt: skip
+    try:
+        text = json.dumps(splits.info)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{where}: build_datasets returned a Splits.info that is not JSON ({e}); checkpoints store it: "
+            "use dicts with string keys, lists, numbers and strings (.tolist() for arrays)"
+        ) from None
+    return dataclasses.replace(splits, info=json.loads(text))
+
+
+def check_shard_blocks(names: Any, where: str, returned: bool = False) -> tuple[str, ...]:
+    """SHARD_BLOCKS, or what its function returned: class names (a tuple or list of str)."""
+    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        what = f"SHARD_BLOCKS({', '.join(CONTRACT['SHARD_BLOCKS'])}) returned" if returned else "SHARD_BLOCKS is"
+        raise ConfigError(
+            f'{where}: {what} {names!r}; it must be class names, e.g. ("Block",), or a function '
+            f"({', '.join(CONTRACT['SHARD_BLOCKS'])}) returning them"
+        )
+    return tuple(names)
+
+
+def check_signature(fn: Callable, name: str, where: str) -> None:
+    """A recipe function must accept the contract's arguments for `name`; an older signature
+    (step(model, batch), metrics(preds, targets, cfg)...) is one ConfigError line giving the new one."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read, the call will tell
+        return
+    args = CONTRACT[name]
+    try:
+        sig.bind(*args)
+    except TypeError:
+        has = ", ".join(sig.parameters)
+        raise ConfigError(
+            f"{where}: {name}({has}) does not take the recipe contract's arguments; define {name}({', '.join(args)})"
+        ) from None
 
 
 def check_model(model: Any, where: str) -> torch.nn.Module:
@@ -246,8 +357,17 @@ def load_recipe(name: str) -> Recipe:
     if not (isinstance(module.ModelConfig, type) and dataclasses.is_dataclass(module.ModelConfig)):
         raise ConfigError(f"recipe={name}: ModelConfig must be a dataclass")
     not_callable = [f for f in ("build_model", "build_datasets", "step", "metrics") if not callable(getattr(module, f))]
+    not_callable += [f for f in ("validate", "report", "tokens") if getattr(module, f, None) is not None
+                     and not callable(getattr(module, f))]  # fmt: skip
     if not_callable:
         raise ConfigError(f"recipe={name}: {', '.join(not_callable)} must be callable")
+    where = f"recipe={name}"
+    for f in CONTRACT:
+        fn = getattr(module, f, None)
+        if fn is not None and callable(fn):
+            check_signature(fn, f, where)
+    blocks = getattr(module, "SHARD_BLOCKS", ())
+    blocks = blocks if callable(blocks) else check_shard_blocks(blocks, where)
     yaml_path = path.with_suffix(".yaml")
     defaults = load_yaml(yaml_path, what="recipe defaults") if yaml_path.is_file() else {}
     return Recipe(
@@ -262,7 +382,7 @@ def load_recipe(name: str) -> Recipe:
         build_datasets=module.build_datasets,
         step=module.step,
         metrics=module.metrics,
-        shard_blocks=tuple(getattr(module, "SHARD_BLOCKS", ())),
+        shard_blocks=blocks,
         validate=getattr(module, "validate", None),
         report=getattr(module, "report", None),
         tokens=getattr(module, "tokens", None),
@@ -318,4 +438,4 @@ def resolve_config(argv: list[str]) -> tuple[Config, Recipe]:
     validate(cfg)
     if recipe.validate is not None:
         recipe.validate(cfg)
-    return cfg, recipe.bind(cfg)
+    return cfg, recipe

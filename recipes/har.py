@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -110,7 +109,6 @@ def load_watch() -> dict:
     return np.load(path, allow_pickle=True).item()  # the package's own data file, a pickled dict
 
 
-@lru_cache(maxsize=2)
 def load_arrays(source: str, path: str | None, window: int, stride: int):
     """(x, y, subject) per split, standardised with training statistics, and the class names."""
     if source == "uci_har":
@@ -134,9 +132,11 @@ def load_arrays(source: str, path: str | None, window: int, stride: int):
 
 
 def build_datasets(cfg) -> Splits:
-    arrays, _ = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+    arrays, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
     tensors = {k: {"x": torch.from_numpy(x), "y": torch.from_numpy(y)} for k, (x, y, _) in arrays.items()}
-    return Splits(train=tensors["train"], val=tensors["val"], test=tensors["test"])
+    _, channels, length = arrays["train"][0].shape
+    info = {"labels": [str(label) for label in labels], "channels": channels, "length": length}
+    return Splits(train=tensors["train"], val=tensors["val"], test=tensors["test"], info=info)
 
 
 class EncoderBlock(nn.Module):
@@ -180,27 +180,24 @@ class HARModel(nn.Module):
 SHARD_BLOCKS = ("EncoderBlock",)
 
 
-def build_model(cfg) -> nn.Module:
-    arrays, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
-    _, channels, length = arrays["train"][0].shape
-    model = HARModel(channels, len(labels), length, cfg.model)
+def build_model(cfg, info: dict) -> nn.Module:
+    model = HARModel(info["channels"], len(info["labels"]), info["length"], cfg.model)
     if cfg.model.freeze_encoder:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
     return model
 
 
-def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
+def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     logits = model(batch["x"])
     loss = F.cross_entropy(logits.float(), batch["y"], reduction="none", label_smoothing=cfg.model.label_smoothing)
     return StepOutput(loss=loss, preds=logits.argmax(-1), targets=batch["y"])
 
 
-def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
-    _, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
-    return classification_metrics(preds, targets, num_classes=len(labels))
+def metrics(cfg, info: dict, preds: torch.Tensor, targets: torch.Tensor) -> dict:
+    return classification_metrics(preds, targets, num_classes=len(info["labels"]))
 
 
-def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
-    _, labels = load_arrays(cfg.data.source, cfg.data.path, cfg.data.window, cfg.data.stride)
+def report(cfg, info: dict, run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor) -> None:
+    labels = info["labels"]
     save_confusion(run_dir, split, classification_metrics(preds, targets, len(labels))["confusion_matrix"], labels)

@@ -16,7 +16,6 @@ trains only the head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -67,7 +66,6 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is out of range; allowed: an integer >= 8")
 
 
-@lru_cache(maxsize=2)
 def load_images(source: str, path: str | None, image_dir: str, size: int, channels: int, preload: bool):
     """Per split (uint8 images or None, paths or None, labels), class names, channel count."""
     if source == "digits":
@@ -91,7 +89,7 @@ def _images(cfg):
 
 
 def build_datasets(cfg) -> Splits:
-    parts, _, channels = _images(cfg)
+    parts, classes, channels = _images(cfg)
     d = cfg.data
     aug = {"crop_pad": d.crop_pad, "hflip": d.hflip, "rotation": d.rotation, "jitter": d.jitter}
     train_images, paths = parts["train"][0], parts["train"][1]
@@ -102,7 +100,8 @@ def build_datasets(cfg) -> Splits:
         k: ImageSet(y, x, paths, d.image_size, channels, aug if k == "train" else None, cfg.train.seed, mean, std)
         for k, (x, paths, y) in parts.items()
     }
-    return Splits(train=sets["train"], val=sets["val"], test=sets.get("test"))
+    return Splits(train=sets["train"], val=sets["val"], test=sets.get("test"),
+                  info={"classes": classes, "channels": channels})
 
 
 def norm(ch: int) -> nn.GroupNorm:
@@ -144,9 +143,8 @@ class ResNet(nn.Module):
 SHARD_BLOCKS = ("BasicBlock",)
 
 
-def build_model(cfg) -> nn.Module:
-    _, classes, channels = _images(cfg)
-    model = ResNet(channels, len(classes), cfg.model)
+def build_model(cfg, info: dict) -> nn.Module:
+    model = ResNet(info["channels"], len(info["classes"]), cfg.model)
     if cfg.model.pretrained:
         from distrain.checkpoint.weights import load_weights
 
@@ -167,16 +165,16 @@ def build_model(cfg) -> nn.Module:
     return model
 
 
-def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
+def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     logits = model(batch["x"]).float()
     loss = F.cross_entropy(logits, batch["y"], reduction="none", label_smoothing=cfg.model.label_smoothing)
     return StepOutput(loss=loss, preds=logits.argmax(-1), targets=batch["y"])
 
 
-def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
-    return classification_metrics(preds, targets, num_classes=len(_images(cfg)[1]))
+def metrics(cfg, info: dict, preds: torch.Tensor, targets: torch.Tensor) -> dict:
+    return classification_metrics(preds, targets, num_classes=len(info["classes"]))
 
 
-def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
-    classes = _images(cfg)[1]
+def report(cfg, info: dict, run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor) -> None:
+    classes = info["classes"]
     save_confusion(run_dir, split, classification_metrics(preds, targets, len(classes))["confusion_matrix"], classes)

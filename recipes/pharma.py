@@ -15,7 +15,6 @@ Loss per row: cross-entropy + `model.reg_weight` x squared error of the standard
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,6 @@ def read_table(path: str | None):
         raise ConfigError(f"data.path={path} is not a readable CSV/Parquet table: {e}") from None
 
 
-@lru_cache(maxsize=2)
 def load_table(path, categorical, numeric, class_target, reg_target, val, test, seed):
     """Per split: cat codes (n, C) int64 (0 = unseen), numerics (n, K), class ids, standardised values."""
     df = read_table(path)
@@ -128,9 +126,11 @@ def _table(cfg):
 
 
 def build_datasets(cfg) -> Splits:
-    arrays, *_ = _table(cfg)
+    arrays, levels, classes, (mean, std) = _table(cfg)
     t = {k: {c: torch.from_numpy(a) for c, a in cols.items()} for k, cols in arrays.items() if len(cols["y_cls"])}
-    return Splits(train=t["train"], val=t["val"], test=t.get("test"))
+    info = {"levels": levels, "numeric": arrays["train"]["num"].shape[1], "classes": classes,
+            "reg_mean": float(mean), "reg_std": float(std)}  # fmt: skip
+    return Splits(train=t["train"], val=t["val"], test=t.get("test"), info=info)
 
 
 class TabularNet(nn.Module):
@@ -149,12 +149,11 @@ class TabularNet(nn.Module):
         return self.cls_head(h), self.reg_head(h).squeeze(-1)
 
 
-def build_model(cfg) -> nn.Module:
-    arrays, levels, classes, _ = _table(cfg)
-    return TabularNet(levels, arrays["train"]["num"].shape[1], len(classes), cfg.model)
+def build_model(cfg, info: dict) -> nn.Module:
+    return TabularNet(info["levels"], info["numeric"], len(info["classes"]), cfg.model)
 
 
-def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
+def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     logits, value = model(batch["cat"], batch["num"])
     loss = F.cross_entropy(logits.float(), batch["y_cls"], reduction="none")
     loss = loss + cfg.model.reg_weight * (value.float() - batch["y_reg"]) ** 2
@@ -162,10 +161,10 @@ def step(model: nn.Module, batch: dict, cfg) -> StepOutput:
     return StepOutput(loss=loss, preds=preds, targets=torch.stack([batch["y_cls"].float(), batch["y_reg"]], 1))
 
 
-def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
+def metrics(cfg, info: dict, preds: torch.Tensor, targets: torch.Tensor) -> dict:
     """Accuracy, macro-F1, per-class accuracy, confusion matrix; RMSE, MAE, R2 in the target's units."""
-    _, _, classes, (mean, std) = _table(cfg)
-    out = classification_metrics(preds[:, 0].long(), targets[:, 0].long(), len(classes))
+    mean, std = info["reg_mean"], info["reg_std"]
+    out = classification_metrics(preds[:, 0].long(), targets[:, 0].long(), len(info["classes"]))
     p, y = preds[:, 1].double() * std + mean, targets[:, 1].double() * std + mean
     r2 = 1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12)
     return out | {"rmse": float(((p - y) ** 2).mean().sqrt()), "mae": float((p - y).abs().mean()), "r2": float(r2)}

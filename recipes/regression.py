@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,7 +118,6 @@ def numeric_rows(dataset: Any, what: str) -> np.ndarray:
     return np.asarray(dataset, dtype=np.float32)
 
 
-@lru_cache(maxsize=2)
 def load_arrays(path: str | None, x_key: str, y_key: str, val: float, test: float, seed: int):
     x, y, names = read_h5(path or default_h5(), x_key, y_key)
     order = np.random.default_rng(seed).permutation(len(x))
@@ -150,32 +148,32 @@ def _arrays(cfg):
 
 
 def build_datasets(cfg) -> Splits:
-    splits, _, _ = _arrays(cfg)
+    splits, stats, names = _arrays(cfg)
     t = {k: {"x": torch.from_numpy(x), "y": torch.from_numpy(y)} for k, (x, y) in splits.items() if len(x)}
-    return Splits(train=t["train"], val=t["val"], test=t.get("test"))
+    stats = {k: v.tolist() for k, v in stats.items()}  # metrics and report give Y in its own units
+    info = {"features": splits["train"][0].shape[1], "names": names, **stats}
+    return Splits(train=t["train"], val=t["val"], test=t.get("test"), info=info)
 
 
-def build_model(cfg) -> nn.Module:
-    splits, _, _ = _arrays(cfg)
-    x, y = splits["train"]
+def build_model(cfg, info: dict) -> nn.Module:
     act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}[cfg.model.activation]
-    layers, width = [], x.shape[1]
+    layers, width = [], info["features"]
     for h in cfg.model.hidden:
         layers += [nn.Linear(width, h), act(), nn.Dropout(cfg.model.dropout)]
         width = h
-    return nn.Sequential(*layers, nn.Linear(width, y.shape[1]))
+    return nn.Sequential(*layers, nn.Linear(width, len(info["names"])))
 
 
-def step(model: nn.Module, batch: dict) -> StepOutput:
+def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     pred = model(batch["x"]).float()
     loss = ((pred - batch["y"]) ** 2).mean(-1)  # per sample, mean over standardised outputs
     return StepOutput(loss=loss, preds=pred, targets=batch["y"])
 
 
-def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
+def metrics(cfg, info: dict, preds: torch.Tensor, targets: torch.Tensor) -> dict:
     """MSE, MAE, R2 per output in Y's units; the plain keys are means over outputs."""
-    _, s, names = _arrays(cfg)
-    std, mean = torch.from_numpy(s["y_std"]).double(), torch.from_numpy(s["y_mean"]).double()
+    names = info["names"]
+    std, mean = torch.tensor(info["y_std"], dtype=torch.float64), torch.tensor(info["y_mean"], dtype=torch.float64)
     p, y = preds.double() * std + mean, targets.double() * std + mean
     mse, mae = ((p - y) ** 2).mean(0), (p - y).abs().mean(0)
     r2 = 1 - ((p - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clamp(min=1e-12)
@@ -185,9 +183,8 @@ def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
     return out
 
 
-def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
-    _, s, names = _arrays(cfg)
-    p = preds.double().numpy() * s["y_std"] + s["y_mean"]
-    y = targets.double().numpy() * s["y_std"] + s["y_mean"]
-    pred_vs_truth(run_dir / f"pred_vs_truth_{split}.png", p, y, names)
+def report(cfg, info: dict, run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor) -> None:
+    std, mean = np.asarray(info["y_std"]), np.asarray(info["y_mean"])
+    p, y = preds.double().numpy() * std + mean, targets.double().numpy() * std + mean
+    pred_vs_truth(run_dir / f"pred_vs_truth_{split}.png", p, y, info["names"])
     loss_curves(run_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -71,7 +70,6 @@ def validate(cfg) -> None:
         )
 
 
-@lru_cache(maxsize=2)
 def load_windows(source, path, key, columns, time_column, s, h, season, val, test):
     """Per split: x (W, s, N), y (W, h, N) and both baselines (W, h, N), standardised; plus mean, std, names."""
     values, names = load_series(source, path, key, list(columns), time_column)
@@ -113,9 +111,10 @@ def _windows(cfg):
 
 
 def build_datasets(cfg) -> Splits:
-    w, *_ = _windows(cfg)
+    w, mean, std, names = _windows(cfg)
     t = {k: {c: torch.from_numpy(a.astype(np.float32)) for c, a in cols.items()} for k, cols in w.items()}
-    return Splits(train=t["train"], val=t["val"], test=t["test"])
+    info = {"mean": mean.tolist(), "std": std.tolist(), "names": names}  # metrics speak the data's units
+    return Splits(train=t["train"], val=t["val"], test=t["test"], info=info)
 
 
 class GRUSeq2Seq(nn.Module):
@@ -170,25 +169,23 @@ class TransformerForecaster(nn.Module):
         return x[:, -1:] + self.out(h)
 
 
-def build_model(cfg) -> nn.Module:
-    _, _, _, names = _windows(cfg)
-    d, m = cfg.data, cfg.model
+def build_model(cfg, info: dict) -> nn.Module:
+    d, m, n = cfg.data, cfg.model, len(info["names"])
     if m.arch == "transformer":
-        return TransformerForecaster(len(names), d.len_source, d.len_target, m)
-    return GRUSeq2Seq(len(names), d.len_target, m)
+        return TransformerForecaster(n, d.len_source, d.len_target, m)
+    return GRUSeq2Seq(n, d.len_target, m)
 
 
-def step(model: nn.Module, batch: dict) -> StepOutput:
+def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     pred = model(batch["x"], batch["y"], batch["snaive"]).float()
     loss = (pred - batch["y"]).abs().mean((1, 2))  # MAE, the headline metric of traffic forecasting
     # preds carry all three forecasters so that metrics compares them on exactly the same windows
     return StepOutput(loss=loss, preds=torch.stack([pred, batch["naive"], batch["snaive"]], 1), targets=batch["y"])
 
 
-def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
+def metrics(cfg, info: dict, preds: torch.Tensor, targets: torch.Tensor) -> dict:
     """MAE, RMSE, MAPE (%, steps with |truth| < 1e-6 left out) per horizon step and averaged, per forecaster."""
-    _, mean, std, _ = _windows(cfg)
-    mean, std = torch.from_numpy(mean).double(), torch.from_numpy(std).double()
+    mean, std = torch.tensor(info["mean"], dtype=torch.float64), torch.tensor(info["std"], dtype=torch.float64)
     y = targets.double() * std + mean
     valid = y.abs() > 1e-6
     out = {}
@@ -209,11 +206,11 @@ def metrics(preds: torch.Tensor, targets: torch.Tensor, cfg) -> dict:
     return out
 
 
-def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor, cfg) -> None:
+def report(cfg, info: dict, run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor) -> None:
     """Print model vs baselines; plot a stretch of predictions vs truth and the error per horizon."""
-    from distrain.tools.plots import _pyplot
+    from distrain.tools.plots import pyplot
 
-    m = metrics(preds, targets, cfg)
+    m = metrics(cfg, info, preds, targets)
     print(
         f"{split} forecasts ({len(targets)} windows): "
         + "; ".join(
@@ -222,11 +219,11 @@ def report(run_dir: Path, split: str, preds: torch.Tensor, targets: torch.Tensor
         ),
         flush=True,
     )
-    _, mean, std, names = _windows(cfg)
+    mean, std, names = np.asarray(info["mean"]), np.asarray(info["std"]), info["names"]
     h = cfg.data.len_target
     p, y = preds[:, 0, :, 0].numpy() * std[0] + mean[0], targets[:, :, 0].numpy() * std[0] + mean[0]
     span = min(240, len(y))
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
     a.plot(range(span), y[:span, 0], "k", lw=1.2, label="truth")
     a.plot(range(span), p[:span, 0], label="1 step ahead")

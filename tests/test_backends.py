@@ -84,8 +84,8 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     """The weights every run starts from: seeded as the trainer seeds, before the first step."""
     cfg, recipe = resolve_config(BASE)
     torch.manual_seed(cfg.train.seed)
-    recipe.build_datasets(cfg)
-    return recipe.build_model(cfg).state_dict()
+    info = recipe.load_datasets(cfg).info
+    return recipe.bind(cfg, info).build_model().state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -217,6 +217,18 @@ def _recipe_cases() -> list[Case]:
              both(writer("y.py", HAR_SRC), writer("y.yaml", "train: {\n"))),
         Case("recipe-validate-rejects", ["recipe=har", "data.source=uci_har", OUT],
              ["data.source=uci_har needs data.path"]),
+        # the contract's arguments before Splits.info: refused when the recipe loads, naming the new ones
+        rec("old-step-signature", HAR_SRC + "\n\ndef step(model, batch, cfg):\n    pass\n",
+            ["step(model, batch, cfg)", "define step(cfg, info, model, batch)"], "o.py"),
+        rec("old-build-model-signature", HAR_SRC + "\n\ndef build_model(cfg):\n    pass\n",
+            ["build_model(cfg)", "define build_model(cfg, info)"], "o.py"),
+        rec("old-metrics-signature", HAR_SRC + "\n\ndef metrics(preds, targets):\n    pass\n",
+            ["metrics(preds, targets)", "define metrics(cfg, info, preds, targets)"], "o.py"),
+        rec("old-report-signature", HAR_SRC + "\n\ndef report(run_dir, split, preds, targets, cfg):\n    pass\n",
+            ["report(run_dir, split, preds, targets, cfg)", "define report(cfg, info, run_dir, split, preds, targets)"],
+            "o.py"),
+        rec("shard-blocks-a-string", HAR_SRC + "\n\nSHARD_BLOCKS = 'EncoderBlock'\n",
+            ["SHARD_BLOCKS is 'EncoderBlock'", "class names"], "b.py"),
     ]  # fmt: skip
 
 
@@ -233,68 +245,84 @@ def _dryrun_cases() -> list[Case]:
 
     return [
         var("step-scalar-loss", """
-            def step(model, batch, cfg):
-                o = _har_step(model, batch, cfg)
+            def step(cfg, info, model, batch):
+                o = _har_step(cfg, info, model, batch)
                 return StepOutput(loss=o.loss.mean(), preds=o.preds, targets=o.targets)
             """, ["scalar loss", "reduction='none'"]),
         var("step-loss-shape-1", """
-            def step(model, batch, cfg):
-                o = _har_step(model, batch, cfg)
+            def step(cfg, info, model, batch):
+                o = _har_step(cfg, info, model, batch)
                 return StepOutput(loss=o.loss.mean(0, keepdim=True), preds=o.preds, targets=o.targets)
             """, ["loss of shape [1] for a batch of 4"]),
         var("step-tuple", """
-            def step(model, batch, cfg):
-                o = _har_step(model, batch, cfg)
+            def step(cfg, info, model, batch):
+                o = _har_step(cfg, info, model, batch)
                 return o.loss, o.preds, o.targets
             """, ["step returned tuple", "StepOutput"]),
         var("step-dict", """
-            def step(model, batch, cfg):
-                return {"loss": _har_step(model, batch, cfg).loss}
+            def step(cfg, info, model, batch):
+                return {"loss": _har_step(cfg, info, model, batch).loss}
             """, ["step returned dict"]),
         var("step-float-loss", """
-            def step(model, batch, cfg):
-                return StepOutput(loss=float(_har_step(model, batch, cfg).loss.mean()))
+            def step(cfg, info, model, batch):
+                return StepOutput(loss=float(_har_step(cfg, info, model, batch).loss.mean()))
             """, ["StepOutput.loss of type float"]),
         var("step-preds-rows", """
-            def step(model, batch, cfg):
-                o = _har_step(model, batch, cfg)
+            def step(cfg, info, model, batch):
+                o = _har_step(cfg, info, model, batch)
                 return StepOutput(loss=o.loss, preds=o.preds[:1], targets=o.targets)
             """, ["preds of shape [1]", "batch of 4"]),
         var("step-targets-list", """
-            def step(model, batch, cfg):
-                o = _har_step(model, batch, cfg)
+            def step(cfg, info, model, batch):
+                o = _har_step(cfg, info, model, batch)
                 return StepOutput(loss=o.loss, preds=o.preds, targets=o.targets.tolist())
             """, ["StepOutput.targets of type list"]),
         var("step-raises", """
-            def step(model, batch, cfg):
+            def step(cfg, info, model, batch):
                 return StepOutput(loss=batch["image"])
             """, ["step failed on 4 validation samples", "step_raises.py:", "KeyError"]),
         var("model-no-params", """
-            def build_model(cfg):
+            def build_model(cfg, info):
                 return nn.Identity()
             """, ["without parameters"]),
         var("model-frozen", """
-            def build_model(cfg):
-                m = _har_build(cfg)
+            def build_model(cfg, info):
+                m = _har_build(cfg, info)
                 m.requires_grad_(False)
                 return m
             """, ["frozen", "nothing to train"]),
         var("model-not-module", """
-            def build_model(cfg):
+            def build_model(cfg, info):
                 return lambda x: x
             """, ["build_model returned function", "torch.nn.Module"]),
         var("metrics-list", """
-            def metrics(preds, targets, cfg):
+            def metrics(cfg, info, preds, targets):
                 return [1.0]
             """, ["metrics returned list"], ["train.metric=loss"]),
         var("metrics-raise", """
-            def metrics(preds, targets, cfg):
+            def metrics(cfg, info, preds, targets):
                 return {"acc": 1 / 0}
             """, ["metrics failed", "metrics_raise.py:", "ZeroDivisionError"], ["train.metric=loss"]),
         var("metric-no-preds", """
-            def step(model, batch, cfg):
-                return StepOutput(loss=_har_step(model, batch, cfg).loss)
+            def step(cfg, info, model, batch):
+                return StepOutput(loss=_har_step(cfg, info, model, batch).loss)
             """, ["train.metric='accuracy'", "available: loss"], ["train.metric=accuracy"]),
+        var("datasets-not-splits", """
+            _har_datasets = build_datasets
+            def build_datasets(cfg):
+                s = _har_datasets(cfg)
+                return s.train, s.val
+            """, ["build_datasets returned tuple", "distrain.Splits"]),
+        var("info-not-json", """
+            _har_datasets = build_datasets
+            def build_datasets(cfg):
+                s = _har_datasets(cfg)
+                return Splits(s.train, s.val, info={"mean": np.zeros(3)})
+            """, ["Splits.info that is not JSON", "ndarray", ".tolist()"]),
+        var("shard-blocks-function-returns-a-class", """
+            def SHARD_BLOCKS(cfg, info, model):
+                return EncoderBlock
+            """, ["SHARD_BLOCKS(cfg, info, model) returned <class", "class names"]),
         Case("dryrun-metric-unknown", [*HAR, "train.metric=acc", "train.max_steps=1", OUT],
              ["train.metric='acc'", "did you mean 'accuracy'", "macro_f1"]),
         Case("dryrun-metric-not-a-number", [*HAR, "train.metric=confusion_matrix", "train.max_steps=1", OUT],
@@ -761,9 +789,9 @@ def test_dry_run_leaves_model_and_random_streams_as_they_were(tmp_path: Path) ->
 
     har_variant("noisy", """
         import random as _random
-        def step(model, batch, cfg):
+        def step(cfg, info, model, batch):
             noise = torch.rand(()) + float(np.random.rand()) + _random.random()  # draws from all three
-            o = _har_step(model, batch, cfg)
+            o = _har_step(cfg, info, model, batch)
             return StepOutput(loss=o.loss + 0 * noise, preds=o.preds, targets=o.targets)
         """)(tmp_path)  # fmt: skip
     cfg, recipe = resolve_config([f"recipe={tmp_path / 'noisy.py'}", *TINY_HAR[1:], f"output_dir={tmp_path / 'run'}"])

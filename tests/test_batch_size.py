@@ -50,8 +50,10 @@ def _activation_bytes(micro: int) -> int:
     from distrain.recipe import resolve_config
 
     cfg, recipe = resolve_config(TINY_HAR)
-    model = recipe.build_model(cfg)
-    train = recipe.build_datasets(cfg).train
+    splits = recipe.load_datasets(cfg)
+    recipe = recipe.bind(cfg, splits.info)
+    model = recipe.build_model()
+    train = splits.train
     batch = {k: v[:micro].clone() for k, v in train.items()}  # own storage, like a loader batch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}

@@ -223,7 +223,7 @@ def test_freeze_encoder_trains_only_the_head(tmp_path):
 
     cfg, recipe = resolve_config([*TINY_HAR, "model.freeze_encoder=true"])
     torch.manual_seed(0)  # the trainer seeds the same way before building the model
-    initial = recipe.build_model(cfg).state_dict()
+    initial = recipe.bind(cfg, recipe.load_datasets(cfg).info).build_model().state_dict()
     final = weights(out)
     for name, value in final.items():
         changed = not torch.equal(value, initial[name])

@@ -75,11 +75,11 @@ class Model(torch.nn.Module):
         return out
 
 
-def build_model(cfg):
+def build_model(cfg, info):
     return Model(cfg.model.bad_grad_every)
 
 
-def step(model, batch):
+def step(cfg, info, model, batch):
     pred = model(batch["x"])
     return StepOutput(loss=(pred - batch["y"]) ** 2, preds=pred, targets=batch["y"])
 
@@ -87,7 +87,7 @@ def step(model, batch):
 EVALS = [-1]  # call 0 is the dry run before training (distrain.train.preflight); evaluations count from 1
 
 
-def metrics(preds, targets, cfg):
+def metrics(cfg, info, preds, targets):
     EVALS[0] += 1
     bad = {int(n) for n in cfg.model.nan_metric_evals.split(",") if n}
     score = float("nan") if EVALS[0] in bad else -float(((preds - targets) ** 2).mean())

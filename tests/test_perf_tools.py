@@ -37,7 +37,7 @@ from recipes.har import *  # noqa: F403
 from recipes.har import DataConfig, ModelConfig, build_datasets, build_model, metrics, step  # noqa: F401
 
 
-def tokens(batch):
+def tokens(cfg, info, batch):
     return batch["x"].shape[0] * batch["x"].shape[-1]
 '''
 
@@ -59,8 +59,10 @@ def test_loop_logs_flops_tokens_and_a_consistent_time_split(tmp_path):
     from distrain.recipe import resolve_config
 
     cfg, rec = resolve_config(TINY_HAR)
-    model = rec.build_model(cfg)
-    x = rec.build_datasets(cfg).train
+    splits = rec.load_datasets(cfg)
+    rec = rec.bind(cfg, splits.info)
+    model = rec.build_model()
+    x = splits.train
     batch = {k: v[:32].clone() for k, v in x.items()}
     with FlopCounterMode(display=False) as counter:
         rec.step(model, batch).loss.sum().backward()

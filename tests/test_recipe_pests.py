@@ -130,7 +130,7 @@ def test_pretrained_frozen_backbone_trains_only_the_head(tmp_path):
         cfg, recipe = resolve_config(
             [*tiny, "model.width=8", f"model.pretrained={tmp_path / 'a' / 'model.safetensors'}"]
         )
-        recipe.build_model(cfg)
+        recipe.bind(cfg, recipe.load_datasets(cfg).info).build_model()
     with pytest.raises(ConfigError, match=r"model\.freeze_backbone=true needs model\.pretrained"):
         resolve_config([*tiny, "model.freeze_backbone=true"])
 

@@ -88,7 +88,9 @@ def test_metrics_match_sklearn(tmp_path):
     rng = np.random.default_rng(3)
     pc, tc = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
     pr, tr = rng.normal(size=50), rng.normal(size=50)
-    m = recipe.metrics(torch.tensor(np.stack([pc, pr], 1)), torch.tensor(np.stack([tc, tr], 1)))
+    m = recipe.bind(cfg, recipe.load_datasets(cfg).info).metrics(
+        torch.tensor(np.stack([pc, pr], 1)), torch.tensor(np.stack([tc, tr], 1))
+    )
     assert m["accuracy"] == pytest.approx(accuracy_score(tc, pc))
     assert m["macro_f1"] == pytest.approx(f1_score(tc, pc, average="macro"))
     assert m["mae"] == pytest.approx(mean_absolute_error(tr * std + mean, pr * std + mean), rel=1e-6)

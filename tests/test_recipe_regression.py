@@ -64,7 +64,7 @@ def test_metrics_match_sklearn(tmp_path):
     _, stats, _ = recipe.module._arrays(cfg)
     rng = np.random.default_rng(1)
     p, t = rng.normal(size=(40, 2)), rng.normal(size=(40, 2))
-    m = recipe.metrics(torch.from_numpy(p), torch.from_numpy(t))
+    m = recipe.bind(cfg, recipe.load_datasets(cfg).info).metrics(torch.from_numpy(p), torch.from_numpy(t))
     P, T = p * stats["y_std"] + stats["y_mean"], t * stats["y_std"] + stats["y_mean"]
     assert m["mse"] == pytest.approx(mean_squared_error(T, P), rel=1e-6)
     assert m["mae"] == pytest.approx(mean_absolute_error(T, P), rel=1e-6)

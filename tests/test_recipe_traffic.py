@@ -74,7 +74,7 @@ def test_windows_and_baselines(tmp_path):
     # metrics of a perfect forecaster are zero; the naive ones are the direct errors
     y = torch.from_numpy(w["test"]["y"])
     preds = torch.stack([y, torch.from_numpy(w["test"]["naive"]), torch.from_numpy(w["test"]["snaive"])], 1)
-    m = recipe.metrics(preds, y)
+    m = recipe.bind(cfg, recipe.load_datasets(cfg).info).metrics(preds, y)
     raw_y, raw_naive = w["test"]["y"] * std + mean, w["test"]["naive"] * std + mean
     assert m["mae"] == pytest.approx(0, abs=1e-6) and len(m["mae_h"]) == h
     assert m["naive_mae"] == pytest.approx(float(np.abs(raw_naive - raw_y).mean()), rel=1e-5)
@@ -103,8 +103,10 @@ def test_traffic_ddp_beats_both_baselines(tmp_path):
 def test_models_forecast_every_step_and_teacher_forcing_feeds_truth(arch):
     args = ["recipe=traffic", f"model.arch={arch}", "model.teacher_forcing=1.0", "model.hidden=16"]
     cfg, recipe = resolve_config(args)
-    model = recipe.build_model(cfg)
-    batch = {k: v[:4] for k, v in recipe.build_datasets(cfg).train.items()}
+    splits = recipe.load_datasets(cfg)
+    recipe = recipe.bind(cfg, splits.info)
+    model = recipe.build_model()
+    batch = {k: v[:4] for k, v in splits.train.items()}
     out = recipe.step(model, batch)
     assert out.preds.shape == (4, 3, 5, 3) and out.loss.shape == (4,)
     torch.testing.assert_close(out.preds[:, 1], batch["naive"])  # the baselines pass through untouched

@@ -43,19 +43,19 @@ FOREIGN = textwrap.dedent('''
         pass
 
 
-    def build_model(cfg):
+    def build_model(cfg, info):
         return torch.nn.Linear(cfg.model.width, 2)
 
 
     def build_datasets(cfg):
+        return distrain.Splits(train={}, val={})
+
+
+    def step(cfg, info, model, batch):
         raise NotImplementedError
 
 
-    def step(model, batch):
-        raise NotImplementedError
-
-
-    def metrics(preds, targets):
+    def metrics(cfg, info, preds, targets):
         return {}
 ''')
 

@@ -9,7 +9,7 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
                                optimizer param groups and scalar state
     trainer_state.json         step, epoch, samples consumed, scheduler, grad scaler, best metric,
-                               early-stopping counters, world size, backend, versions
+                               early-stopping counters, world size, backend, recipe info, versions
     config.yaml                the run's config (so `distrain export` needs only the checkpoint)
     COMPLETE                   written last: step, and every other file's size and the xxh3-128
                                checksums of its eighths; a folder without it is never loaded

@@ -4,9 +4,11 @@
 
 writes `model.safetensors` (or `model-00001-of-0000N.safetensors` shards of at most
 --max-shard-size plus `model.safetensors.index.json`, the Hugging Face layout) and the run's
-`config.yaml`. Works from any distrain checkpoint (single, DDP, FSDP2, DeepSpeed ZeRO): the
-pieces are reassembled on CPU without a process group. Only files of those names are replaced
-in --out; it must lie outside the run dir and checkpoint exported.
+`config.yaml`; each weights file's metadata holds the step and `recipe_info`, what the
+recipe's build_datasets learned and its build_model takes, so load_model needs no data.
+Works from any distrain checkpoint (single, DDP, FSDP2, DeepSpeed ZeRO): the pieces are
+reassembled on CPU without a process group. Only files of those names are replaced in --out;
+it must lie outside the run dir and checkpoint exported.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from distrain.checkpoint import load as checkpoint_load
 from distrain.checkpoint.weights import save_text, save_weights
 from distrain.config import Config, apply_dict
 from distrain.errors import ConfigError
+from distrain.recipe import INFO_KEY
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what _export names its shards
@@ -94,15 +97,19 @@ def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard
     for old in out.iterdir():
         if old.is_file() and (old.name in ("model.safetensors", INDEX_NAME) or SHARD_NAME.fullmatch(old.name)):
             old.unlink(missing_ok=True)
-    step = str(checkpoint.read_json(ckpt / checkpoint.STATE).get("step", ""))
+    trainer_state = checkpoint.read_json(ckpt / checkpoint.STATE)
+    step = str(trainer_state.get("step", ""))
+    metadata = {"format": "pt", "step": step}
+    if INFO_KEY in trainer_state:  # absent from checkpoints of older versions: load_model reads the data then
+        metadata[INFO_KEY] = json.dumps(trainer_state[INFO_KEY])
     shards = _shards(state, max_shard_size) if max_shard_size else [state]
     if len(shards) == 1:
-        save_weights(state, out / "model.safetensors", metadata={"format": "pt", "step": step})
+        save_weights(state, out / "model.safetensors", metadata=metadata)
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_weights(shard, out / fname, metadata={"format": "pt", "step": step})
+            save_weights(shard, out / fname, metadata=metadata)
             weight_map.update(dict.fromkeys(shard, fname))
             total += sum(t.numel() * t.element_size() for t in shard.values())
         index = {"metadata": {"total_size": total, "step": step}, "weight_map": weight_map}
@@ -130,7 +137,9 @@ def load_model(path: str | os.PathLike, trust_recipe: bool = False) -> torch.nn.
 
     On CPU, in eval mode, with no process group. `path` is an export folder, a checkpoint
     folder or a run dir. A config naming a recipe file outside recipes/ is refused (ConfigError)
-    unless `trust_recipe=True`: importing that file runs its code.
+    unless `trust_recipe=True`: importing that file runs its code. build_model gets the recipe
+    info the folder holds (the weights' metadata, or a checkpoint's trainer_state.json); for a
+    folder saved without it (by an older distrain) build_datasets runs, so reads the data.
     """
     from distrain.recipe import check_saved_recipe, load_recipe
 
@@ -142,14 +151,38 @@ def load_model(path: str | os.PathLike, trust_recipe: bool = False) -> torch.nn.
     recipe = load_recipe(check_saved_recipe(name, path / "config.yaml", trust_recipe, "trust_recipe=True"))
     cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
     apply_dict(cfg, cfg_dict)
-    model = recipe.build_model(cfg)
+    # Loading the weights verifies a checkpoint's checksums, trainer_state.json's too, before saved_info reads it.
     state = load_weights_dir(path) if index is None else checkpoint_load.full_model_state(path, index)
+    info = saved_info(path)
+    model = recipe.bind(cfg, recipe.load_datasets(cfg).info if info is None else info).build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
             f"{path} does not fit recipe {recipe.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.eval()
+
+
+def saved_info(path: Path) -> dict[str, Any] | None:
+    """The recipe info of an export folder (its weights' metadata) or a checkpoint (trainer_state.json)."""
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    if not weights.is_file() and (path / INDEX_NAME).is_file():
+        weights = path / min(json.loads((path / INDEX_NAME).read_text())["weight_map"].values())
+    where, info = weights, None
+    try:
+        if weights.is_file():
+            with safe_open(str(weights), "pt") as f:
+                text = (f.metadata() or {}).get(INFO_KEY)
+            info = None if text is None else json.loads(text)
+        elif (path / checkpoint.STATE).is_file():
+            where, info = path / checkpoint.STATE, checkpoint.read_json(path / checkpoint.STATE).get(INFO_KEY)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: its recipe info cannot be read: {e}") from None
+    if info is not None and not isinstance(info, dict):
+        raise ConfigError(f"{where}: its recipe info is a {type(info).__name__}, not a JSON object")
+    return info
 
 
 def _check_recipe(ckpt: Path, trust: bool) -> None:

@@ -15,6 +15,7 @@ from distrain.checkpoint.format import CKPT_DIR, STATE, read_json, step_dirs, ve
 from distrain.checkpoint.load import check_fits, load_verified
 from distrain.checkpoint.save import save_checkpoint
 from distrain.errors import CheckpointError, ChecksumError
+from distrain.recipe import INFO_KEY
 
 log = logging.getLogger("distrain")
 
@@ -37,6 +38,7 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "backend": trainer.backend.name,
         "global_batch": trainer.plan.global_batch,
         "recipe": trainer.recipe.name,
+        INFO_KEY: trainer.recipe.info,  # what build_model takes from the data: export and load_model read it
         "versions": versions(),
     }
 

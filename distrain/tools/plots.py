@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters
@@ -23,7 +25,7 @@ def loss_curves(run_dir: Path, path: Path | None = None) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     val = [(r["step"], r["val/loss"]) for r in rows if isinstance(r.get("val/loss"), (int, float))]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, label in ((train, "train"), (val, "val")):
         if points:
@@ -44,7 +46,7 @@ def pred_vs_truth(path: Path, preds: np.ndarray, targets: np.ndarray, names: Seq
     """One scatter panel per output, with the identity line."""
     preds, targets = np.asarray(preds).reshape(len(preds), -1), np.asarray(targets).reshape(len(targets), -1)
     n = preds.shape[1]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
     for i, ax in enumerate(axes[0]):
         lo, hi = float(min(targets[:, i].min(), preds[:, i].min())), float(max(targets[:, i].max(), preds[:, i].max()))

@@ -19,17 +19,9 @@ from typing import Any
 from distrain.cli import command
 from distrain.errors import ConfigError
 from distrain.observe.classification import plot_confusion
+from distrain.tools.plots import pyplot
 
 OWN_PREFIX = "report_"  # PNGs this module writes into report/; every other PNG in the run dir is the recipe's
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -87,7 +79,7 @@ def _line_panels(path: Path, rows: list[dict[str, Any]], panels: list[tuple[str,
     data = [(label, lines) for label, lines in data if lines]
     if not data:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.4), squeeze=False)
     for ax, (label, lines) in zip(axes[0], data, strict=True):
         for key, xs, ys in lines:

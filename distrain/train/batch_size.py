@@ -118,7 +118,7 @@ def find_batch(cfg: Config, recipe: Any, dataset: Any, device: torch.device, wor
     samples_cap = len(dataset) // (world_size * (1 if per_rank else accum))
     cap = max(1, min(d.auto_max_batch, per_rank or samples_cap, samples_cap))
 
-    found, how = _search(recipe.build_model(cfg).to(device), cfg, recipe, dataset, device, cap, autocast)
+    found, how = _search(recipe.build_model().to(device), cfg, recipe, dataset, device, cap, autocast)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the probe model and its optimizer state are gone with _search
     found = _agree(found, world_size, device)

@@ -36,7 +36,7 @@ from distrain.observe.trackers import init_trackers
 from distrain.parallel.base import Backend, count_params
 from distrain.parallel.launch import build_accelerator, configure_torch
 from distrain.parallel.select import select_backend
-from distrain.recipe import Recipe, StepOutput
+from distrain.recipe import BoundRecipe, Recipe, StepOutput
 from distrain.train import preflight, run_lock
 from distrain.train.data import (
     BatchPlan,
@@ -127,7 +127,7 @@ def new_run_dir(cfg: Config) -> Path:
 
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
-        self.cfg, self.recipe = cfg, recipe
+        self.cfg = cfg
         self.accelerator = build_accelerator(cfg)
         # accelerate's autocast() builds a context every call; fp32 needs none
         self._autocast = self.accelerator.autocast if cfg.precision != "no" else contextlib.nullcontext
@@ -137,7 +137,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
 
-        splits = recipe.build_datasets(cfg)  # may raise ConfigError: nothing written yet
+        splits = recipe.load_datasets(cfg)  # may raise ConfigError: nothing written yet
+        # What build_datasets learned (splits.info) reaches build_model, step, metrics and report.
+        self.recipe: BoundRecipe = recipe.bind(cfg, splits.info)
         self.datasets = {"train": as_dataset(splits.train), "val": as_dataset(splits.val)}
         if splits.test is not None:
             self.datasets["test"] = as_dataset(splits.test)
@@ -146,7 +148,7 @@ class Trainer:
             from distrain.train.batch_size import find_batch
 
             train_set, autocast = self.datasets["train"], self.accelerator.autocast
-            found = find_batch(cfg, recipe, train_set, self.device, self.world_size, autocast)
+            found = find_batch(cfg, self.recipe, train_set, self.device, self.world_size, autocast)
             micro_batch, grad_accum, self.auto_batch_note = found.micro_batch, found.grad_accum, found.note
             torch.manual_seed(cfg.train.seed)  # the probe model consumed random numbers
         self.plan = BatchPlan(
@@ -167,8 +169,8 @@ class Trainer:
         t = cfg.train
         self.total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.plan.steps_per_epoch
 
-        model = recipe.build_model(cfg)
-        self.backend: Backend = select_backend(self.accelerator, cfg, recipe.shard_blocks,
+        model = self.recipe.build_model()
+        self.backend: Backend = select_backend(self.accelerator, cfg, self.recipe.shard_blocks(model),
                                                micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum)
         model = self.backend.shard(model)
         self.lr = effective_lr(cfg.optim, self.plan.global_batch)
@@ -596,7 +598,8 @@ class Trainer:
         checkpoint.flush_pending()  # `latest` and retention of the last saves, done in the background
         final = self.backend.full_state_dict(self.model)
         if self.rank == 0:
-            save_weights(final, self.run_dir / "model.safetensors", metadata={"step": str(s.step)})
+            meta = {"step": str(s.step), **self.recipe.weights_metadata()}  # load_model(run dir) needs no data
+            save_weights(final, self.run_dir / "model.safetensors", metadata=meta)
         if self.cfg.log.save_rank_weights:
             local = self.backend.local_state_dict(self.model)
             save_weights({k: _local(v) for k, v in local.items()}, self.run_dir / f"rank_{self.rank}.safetensors")
@@ -610,7 +613,8 @@ class Trainer:
             self.backend.load_local_state_dict(self.model, self.best_weights)
             best = self.backend.full_state_dict(self.model)
             if self.rank == 0:
-                save_weights(best, self.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step)})
+                meta = {"step": str(s.best_step), **self.recipe.weights_metadata()}
+                save_weights(best, self.run_dir / "best_model.safetensors", metadata=meta)
         else:
             if s.best_step not in (-1, s.step):
                 log.warning("the best weights (step %d) were not restorable; the test split uses the final ones",
@@ -622,7 +626,7 @@ class Trainer:
             log.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
             if self.rank == 0 and self.recipe.report is not None:
                 preds, targets = self._last_eval_outputs
-                self.recipe.report(self.run_dir, "test", preds, targets, self.cfg)
+                self.recipe.report(self.run_dir, "test", preds, targets)
         summary = {
             "recipe": self.recipe.name,
             "steps": s.step,
