@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 from distrain import checkpoint
 from distrain.checkpoint import load as checkpoint_load
 from distrain.checkpoint.weights import save_text, save_weights
+from distrain.cli import command
 from distrain.config import Config, apply_dict
 from distrain.errors import ConfigError
 from distrain.recipe import INFO_KEY
@@ -204,6 +204,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"distrain export: {message}")
 
 
+@command
 def main(argv: list[str]) -> int:
     parser = _Parser(prog="distrain export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run dir (its newest complete checkpoint) or a checkpoint folder")
@@ -212,14 +213,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trust-recipe", action="store_true",
                         help="the run's config names a recipe file outside recipes/ (code that loading the model "
                              "runs): export it anyway")  # fmt: skip
-    try:
-        args = parser.parse_args(argv)
-        size = parse_size(args.max_shard_size) if args.max_shard_size else None
-        ckpt, index = checkpoint.resolve(args.source)
-        _check_recipe(ckpt, args.trust_recipe)
-        out = _export(ckpt, index, args.out, size, args.source)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    size = parse_size(args.max_shard_size) if args.max_shard_size else None
+    ckpt, index = checkpoint.resolve(args.source)
+    _check_recipe(ckpt, args.trust_recipe)
+    out = _export(ckpt, index, args.out, size, args.source)
     print(f"exported {ckpt} -> {out}")
     return 0

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distrain.cli import command
 from distrain.errors import ConfigError
 from distrain.templates import LAUNCH_CONFIGS
 from distrain.templates import SLURM as TEMPLATES
@@ -302,32 +303,28 @@ def _parser() -> argparse.ArgumentParser:
 def submit_main(argv: list[str]) -> int:
     from distrain.recipe import resolve_config
 
-    try:
-        args = _parser().parse_intermixed_args(argv)
-        opts = SlurmOptions(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            procs=args.procs,
-            cpus_per_task=args.cpus_per_task,
-            time=args.time,
-            partition=args.partition,
-            job_name=args.job_name,
-            grace=args.grace,
-            log_dir=args.log_dir,
-            max_parallel=args.max_parallel,
-            sbatch_args=args.sbatch_arg,
-        )
-        array = [shlex.split(a) for a in args.array]
-        # Bad overrides fail here, in a second, not after waiting in the queue.
-        cfgs = [resolve_config([*args.overrides, *task])[0] for task in array or [[]]]
-        script = render_training(args.overrides, opts, array, args.launch_config, recipe=cfgs[0].recipe)
-        if args.dry_run:
-            sys.stdout.write(script)
-            return 0
-        job_id = sbatch(script, opts)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = _parser().parse_intermixed_args(argv)
+    opts = SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        procs=args.procs,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        job_name=args.job_name,
+        grace=args.grace,
+        log_dir=args.log_dir,
+        max_parallel=args.max_parallel,
+        sbatch_args=args.sbatch_arg,
+    )
+    array = [shlex.split(a) for a in args.array]
+    # Bad overrides fail here, in a second, not after waiting in the queue.
+    cfgs = [resolve_config([*args.overrides, *task])[0] for task in array or [[]]]
+    script = render_training(args.overrides, opts, array, args.launch_config, recipe=cfgs[0].recipe)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    job_id = sbatch(script, opts)
     log_dir = Path(opts.log_dir)
     name = re.search(r"^#SBATCH --job-name=(\S+)", script, re.M).group(1)  # type: ignore[union-attr]
     log = log_dir / (f"{name}-{job_id}_<task>.out" if array else f"{name}-{job_id}.out")
@@ -335,14 +332,14 @@ def submit_main(argv: list[str]) -> int:
     return 0
 
 
+@command
 def main(argv: list[str]) -> int:
     usage = "usage: distrain slurm submit recipe=<name> [key=value ...] [--nodes N --gpus-per-node G --time T ...]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] != "submit":
-        print(f"error: unknown slurm command {argv[0]!r}; available: submit", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown slurm command {argv[0]!r}; available: submit")
     if any(a in ("-h", "--help") for a in argv[1:]):
         _parser().print_help()
         return 0
