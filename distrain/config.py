@@ -124,6 +124,46 @@ class CkptConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is spread over the processes; launch.resolve_plan turns it into a ParallelPlan once.
+
+    Unset options (null, or auto) take the accelerate launch config's value where it has one, else the
+    default named in their help; a launch config value that contradicts a set option stops the run.
+    """
+
+    backend: Literal["auto", "single", "ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"] = opt(
+        "auto",
+        "single, ddp, fsdp2 (FSDP2 fully_shard) or zero1/2/3 (DeepSpeed ZeRO stage; zero0: the engine unpartitioned); "
+        "auto: what the accelerate launch config asks, else ddp for several processes, single for one",
+    )
+    fsdp_reshard_after_forward: bool | None = opt(
+        None, "fsdp2: free each block's gathered params after its forward (full shard); false keeps them for "
+        "backward (less communication, more memory); unset: the launch config's, else true",
+    )
+    fsdp_replicate: int | None = opt(
+        None, "fsdp2: HSDP replicas (full copies, each sharded over processes / replicas); unset: the launch "
+        "config's parallelism_config_dp_replicate_size (HYBRID_SHARD: one per node), else 1",
+    )
+    fsdp_shard: int | None = opt(
+        None, "fsdp2: processes each replica is sharded over; unset: processes / fsdp_replicate",
+    )
+    fsdp_cpu_offload: bool | None = opt(
+        None, "fsdp2: keep params, grads and optimizer state in CPU memory; unset: the launch config's "
+        "fsdp_offload_params, else false",
+    )
+    zero_offload_optimizer: Literal["auto", "none", "cpu", "nvme"] = opt(
+        "auto", "zero*: where the optimizer state and fp32 master weights live; auto: the launch config's, else none",
+    )
+    zero_offload_params: Literal["auto", "none", "cpu", "nvme"] = opt(
+        "auto", "zero3: where the partitioned parameters live; auto: the launch config's, else none",
+    )
+    deepspeed_config: str | None = opt(
+        None, "zero*: a DeepSpeed JSON (its 'auto' fields are filled from distrain's config); unset: the launch "
+        "config's deepspeed_config_file, else none", must_exist=True,
+    )
+
+
+@dataclass
 class Config:
     recipe: str = opt("", "recipe name in recipes/ or a path to a recipe .py file")
     output_dir: str | None = opt(None, "run directory; unset means runs/<recipe>/<timestamp>")
@@ -142,6 +182,7 @@ class Config:
     model: Any = opt(None, "the recipe's model settings")
     log: LogConfig = opt(LogConfig(), "logging")
     ckpt: CkptConfig = opt(CkptConfig(), "checkpointing")
+    parallel: ParallelConfig = opt(ParallelConfig(), "parallelism: backend and its options")
 
 
 def to_plain(obj: Any) -> Any:
@@ -363,7 +404,7 @@ MAX_SEED = 2**32 - 1  # numpy's legacy global seed (seeded from train.seed) take
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express, and paths that must exist."""
     t, o, s, d = cfg.train, cfg.optim, cfg.sched, cfg.data
-    eval_bs, prefetch = d.eval_batch_size, d.prefetch_factor
+    eval_bs, prefetch, par = d.eval_batch_size, d.prefetch_factor, cfg.parallel
     checks = [
         (t.max_epochs >= 1 or t.max_steps > 0, "train.max_epochs", t.max_epochs, "an integer >= 1"),
         (t.max_steps >= 0, "train.max_steps", t.max_steps, "an integer >= 0"),
@@ -395,6 +436,9 @@ def validate(cfg: Config) -> None:
         (cfg.log.every >= 1, "log.every", cfg.log.every, "an integer >= 1"),
         (cfg.ckpt.every_steps >= 0, "ckpt.every_steps", cfg.ckpt.every_steps, "an integer >= 0"),
         (cfg.ckpt.keep_last >= 1, "ckpt.keep_last", cfg.ckpt.keep_last, "an integer >= 1"),
+        (par.fsdp_replicate is None or par.fsdp_replicate >= 1, "parallel.fsdp_replicate", par.fsdp_replicate,
+         "an integer >= 1"),
+        (par.fsdp_shard is None or par.fsdp_shard >= 1, "parallel.fsdp_shard", par.fsdp_shard, "an integer >= 1"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -60,7 +60,8 @@ class Setup:
     name: str
     launch: str | None  # launch_configs/<launch>.yaml, None: one process
     args: tuple[str, ...]
-    launcher: str = "accelerate"  # "torchrun" (2 processes, the launch config's backend from env), "distrain"
+    launcher: str = "accelerate"  # "torchrun" (2 processes, the launch config's backend as parallel.backend),
+    # or "distrain"
 
     @property
     def steps(self) -> int:
@@ -247,8 +248,6 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
     env = {k: v for k, v in {**os.environ, **ENV}.items() if not k.startswith(("PET_", "TORCH_ELASTIC_"))}
     crash_step = None
     predicted = newest_complete(run_dir)
-    if setup.launcher == "torchrun" and setup.launch == "cpu_fsdp":
-        env["DISTRAIN_USE_FSDP"] = "true"  # what accelerate launch exports from the launch config
     if kill is not None and kill.kind == "crash":
         crash_step = min((predicted // EVERY + kill.nth) * EVERY, setup.steps)
         env[CRASH_ENV] = f"{kill.stage}:{crash_step}"
@@ -258,6 +257,8 @@ def run_segment(setup: Setup, run_dir: Path, kill: Kill | None, extra: tuple[str
         to = "launcher" if setup.launch is not None and kill.target in ("launcher", "group", "all") else "self"
         env[CRASH_ENV] = f"{kill.stage}:{crash_step}:{kill.sig}:{to}"
     args = [*setup.args, *extra, f"output_dir={run_dir}", "resume=auto"]
+    if setup.launcher == "torchrun" and setup.launch == "cpu_fsdp":
+        args.append("parallel.backend=fsdp2")  # torchrun has no launch config: distrain's config asks
     out_path = run_dir.parent / f"{run_dir.name}.out"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from distrain.config import Config
 from distrain.errors import ConfigError, LaunchError
-from distrain.parallel.base import Backend
+from distrain.parallel.ddp import SingleBackend
 from distrain.parallel.fsdp import FSDPBackend
 from distrain.parallel.select import select_backend
 from distrain.parallel.zero import DeepSpeedBackend, fill_deepspeed_config
@@ -206,9 +206,9 @@ def test_activation_checkpointing_needs_named_blocks(accelerator):
     cfg = Config()
     cfg.train.activation_checkpointing = True
     with pytest.raises(ConfigError, match="SHARD_BLOCKS"):
-        Backend(accelerator, cfg, ()).shard(nn.Linear(4, 4))
+        SingleBackend(accelerator, cfg, ()).shard(nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="no such module"):
-        Backend(accelerator, cfg, ("EncoderBlock",)).shard(nn.Linear(4, 4))
+        SingleBackend(accelerator, cfg, ("EncoderBlock",)).shard(nn.Linear(4, 4))
 
 
 # ---------------------------------------------------------------- DeepSpeed config: one source of truth

@@ -29,8 +29,9 @@ GLOBAL_BATCH = "global_batch"  # the pseudo key resume_allow takes for another g
 
 # Not settings of the run: where it is and how it was started.
 SILENT_KEYS = frozenset({"resume", "output_dir", "print_config", "resume_allow"})
-# Safe to change mid-run: read live by the loop, or hyper-parameters the resume re-applies.
-LIVE_SECTIONS = ("log", "ckpt")
+# Safe to change mid-run: read live by the loop, or hyper-parameters the resume re-applies; checkpoints
+# load under any backend, so parallel.* may change too.
+LIVE_SECTIONS = ("log", "ckpt", "parallel")
 LIVE_KEYS = frozenset({
     "precision",
     "train.max_epochs", "train.max_steps", "train.eval_every", "train.clip_norm", "train.deterministic",

@@ -4,16 +4,18 @@ A Backend turns a plain model and optimizer into distributed ones, and owns ever
 differs between backends inside a step: gradient sync under accumulation, backward, clipping,
 the optimizer step, consolidating weights, and the plan lines printed at start. After
 preparing, `verify` checks the real wrapping against what was asked, so a silent fallback
-(2 processes asked, 1 running; FSDP asked, DDP used) stops the run. This base class is one
-process (accelerate's prepare); ddp.py, fsdp.py and zero.py override what they change.
+(2 processes asked, 1 running; FSDP asked, DDP used) stops the run. This module holds the
+abstract Backend and the helpers the implementations share; ddp.py (one process and DDP),
+fsdp.py and zero.py implement it, and only select.py imports them.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from accelerate import Accelerator
 
 from distrain.config import Config
 from distrain.errors import ConfigError
-from distrain.parallel.launch import LaunchError
+from distrain.parallel.launch import ParallelPlan
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -34,81 +36,50 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+class Backend(abc.ABC):
+    """What the trainer and the checkpoint code call; one subclass per strategy (ddp.py, fsdp.py, zero.py).
 
-class Backend:
-    """Single process or DDP, through accelerate's prepare."""
+    Abstract: wrapping (`prepare`, `verify`), gradient sync, the optimizer `step`, unwrapping, full
+    weights and the plan lines. The defaults here are what several strategies share; a subclass
+    overrides the ones it does differently.
+    """
 
-    name = "single"
+    name: str
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = ()):
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = (),
+                 plan: ParallelPlan | None = None):  # fmt: skip
         self.accelerator = accelerator
         self.cfg = cfg
         self.shard_blocks = shard_blocks
         self.world_size = accelerator.num_processes
+        self.parallel = plan if plan is not None else ParallelPlan()
 
     # -- building
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Compile (before any wrapping, or DDP's forward graph-breaks) and apply sharding."""
+        """Place the model, apply train.activation_checkpointing and compile (before any wrapping, or
+        DDP's forward graph-breaks); sharding backends apply their sharding here too."""
         model = model.to(self.accelerator.device)
-        self.checkpoint_activations(model)
+        checkpoint_activations(model, self.cfg, self.shard_blocks)
         if self.cfg.train.compile:
             model.compile()
         return model
 
-    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        """The recipe's SHARD_BLOCKS instances; an error if the recipe names a class the model lacks."""
-        found = list(iter_named_blocks(model, self.shard_blocks))
-        missing = set(self.shard_blocks) - {type(b).__name__ for b in found}
-        if missing:
-            raise ConfigError(
-                f"SHARD_BLOCKS names {', '.join(sorted(missing))} but the model has no such module; "
-                f"module classes in the model: {', '.join(sorted({type(m).__name__ for m in model.modules()}))}"
-            )
-        return found
-
-    def checkpoint_activations(self, model: torch.nn.Module) -> None:
-        """train.activation_checkpointing: recompute each block's forward in backward.
-
-        The block's forward is replaced in place (no wrapper module), so parameter names and
-        checkpoints are the same with and without it, and FSDP's hooks stay outside the
-        recomputed region, as with torch's checkpoint_wrapper.
-        """
-        if not self.cfg.train.activation_checkpointing:
-            return
-        if not self.shard_blocks:
-            raise ConfigError(
-                "train.activation_checkpointing=true needs the recipe to name its blocks in SHARD_BLOCKS"
-            )
-        from torch.utils.checkpoint import checkpoint
-
-        for block in self.blocks(model):
-            forward = block.forward
-            block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
-
+    @abc.abstractmethod
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        return model, self.plain_optimizer(optimizer)
+        """The distributed model and optimizer, from the sharded model and an optimizer over its parameters."""
 
-    def plain_optimizer(self, optimizer: Any) -> Any:
-        """The torch optimizer itself unless the fp16 grad scaler needs accelerate's wrapper, whose
-        step re-checks its configuration every call (two package look-ups on the file system)."""
-        return optimizer if self.accelerator.scaler is not None else getattr(optimizer, "optimizer", optimizer)
-
+    @abc.abstractmethod
     def verify(self, model: torch.nn.Module) -> None:
-        wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        if self.world_size > 1 and not wrapped:
-            raise LaunchError(f"{self.world_size} processes but the model is not wrapped in DDP")
+        """LaunchError unless the prepared model is wrapped as this backend promises (no silent fallback)."""
 
     # -- stepping
     def loss_factor(self, global_count: int) -> float:
-        """Factor for the summed per-sample losses; DDP averages gradients over ranks."""
+        """Factor for the summed per-sample losses; every backend averages gradients over ranks."""
         return self.world_size / global_count
 
+    @abc.abstractmethod
     def sync_context(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        if sync or self.world_size == 1:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(model)
+        """Around one micro-batch's forward and backward: reduce gradients only when `sync` (the last one)."""
 
     # The hot path calls torch directly: accelerate's backward and clip_grad_norm_ re-check their
     # configuration on every call (an extra loss division, version parsing). accelerate still
@@ -117,6 +88,7 @@ class Backend:
         scaler = self.accelerator.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    @abc.abstractmethod
     def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float,
              loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
         """End an optimizer step: clip, then apply it unless the loss or the gradient norm is non-finite.
@@ -126,42 +98,19 @@ class Backend:
         also backs the loss scale off. Every rank must reach the same decision, so `loss_finite`
         is the global loss's verdict and the norm is global.
         """
-        scaler = self.accelerator.scaler
-        plain = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper under fp16
-        if scaler is not None:
-            scaler.unscale_(plain)
-        norm = self.clip_grads(model, clip_norm)
-        applied = loss_finite and math.isfinite(float(norm))
-        if scaler is None:
-            if applied:
-                plain.step()
-        elif applied:
-            scaler.step(plain)  # found no inf: the norm over the same gradients is finite
-            scaler.update()
-        else:
-            back_off(scaler)
-        plain.zero_grad(set_to_none=True)
-        return norm, applied
-
-    def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip the (unscaled) gradients to max_norm (0: only measure); the global norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
     def after_forward_only(self, model: torch.nn.Module) -> None:
         """After forwards without a backward (evaluation): put the model back as training holds it."""
+        return None  # only FSDP2 has anything to undo
 
     # -- weights
+    @abc.abstractmethod
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        # Peeled here rather than by accelerate's unwrap_model, which imports deepspeed (slow, and a
-        # "Setting accelerator" warning) whenever it is installed, even for plain DDP.
-        while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        return getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+        """The recipe's module inside the wrappers, with parameter names as the recipe gave them."""
 
+    @abc.abstractmethod
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Consolidated weights on CPU; every rank calls it, rank 0 gets the full dict."""
-        state = self.unwrap(model).state_dict()  # replicated weights: the local copy is the full one
-        return {k: v.detach().to("cpu") for k, v in state.items()}
 
     def local_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """This rank's weights as they are held (a shard under FSDP), for in-memory snapshots."""
@@ -185,20 +134,78 @@ class Backend:
 
         set_live_states(self.unwrap(model), getattr(optimizer, "optimizer", optimizer), model_state, optim_state)
 
+    # -- describing
+    @abc.abstractmethod
     def plan(self, model: torch.nn.Module) -> list[tuple[str, str]]:
-        total, _ = count_params(self.unwrap(model))
-        kind = "DDP (gradients all-reduced, weights replicated)" if self.world_size > 1 else "none (one process)"
-        return [("sharding", kind), ("params per rank", f"{total:,} (all)")]
+        """(name, value) lines for the plan printed at start: what is sharded, over what, per rank."""
 
+
+# ---------------------------------------------------------------- helpers the backends share
+
+
+def find_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The recipe's SHARD_BLOCKS instances; an error if the recipe names a class the model lacks."""
+    found = list(iter_named_blocks(model, class_names))
+    missing = set(class_names) - {type(b).__name__ for b in found}
+    if missing:
+        raise ConfigError(
+            f"SHARD_BLOCKS names {', '.join(sorted(missing))} but the model has no such module; "
+            f"module classes in the model: {', '.join(sorted({type(m).__name__ for m in model.modules()}))}"
+        )
+    return found
+
+
+def checkpoint_activations(model: torch.nn.Module, cfg: Config, class_names: tuple[str, ...]) -> None:
+    """train.activation_checkpointing: recompute each block's forward in backward.
+
+    The block's forward is replaced in place (no wrapper module), so parameter names and
+    checkpoints are the same with and without it, and FSDP's hooks stay outside the
+    recomputed region, as with torch's checkpoint_wrapper.
+    """
+    if not cfg.train.activation_checkpointing:
+        return
+    if not class_names:
+        raise ConfigError("train.activation_checkpointing=true needs the recipe to name its blocks in SHARD_BLOCKS")
+    from torch.utils.checkpoint import checkpoint
+
+    for block in find_blocks(model, class_names):
+        forward = block.forward
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+
+
+def plain_optimizer(accelerator: Accelerator, optimizer: Any) -> Any:
+    """The torch optimizer itself unless the fp16 grad scaler needs accelerate's wrapper, whose
+    step re-checks its configuration every call (two package look-ups on the file system)."""
+    return optimizer if accelerator.scaler is not None else getattr(optimizer, "optimizer", optimizer)
+
+
+def torch_step(accelerator: Accelerator, optimizer: Any, clip: Callable[[], torch.Tensor],
+               loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """Backend.step for backends whose torch optimizer steps the parameters (one process, DDP, FSDP2):
+    unscale under fp16, `clip()` (which returns the global norm before clipping), then step or skip."""
+    scaler = accelerator.scaler
+    plain = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper under fp16
+    if scaler is not None:
+        scaler.unscale_(plain)
+    norm = clip()
+    applied = loss_finite and math.isfinite(float(norm))
+    if scaler is None:
+        if applied:
+            plain.step()
+    elif applied:
+        scaler.step(plain)  # found no inf: the norm over the same gradients is finite
+        scaler.update()
+    else:
+        back_off(scaler)
+    plain.zero_grad(set_to_none=True)
+    return norm, applied
 
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
 
 
 def back_off(scaler: torch.amp.GradScaler) -> None:
@@ -210,7 +217,6 @@ def back_off(scaler: torch.amp.GradScaler) -> None:
     state["_growth_tracker"] = 0
     scaler.update(new_scale=float(state["scale"]))
     scaler.load_state_dict(state)
-
 
 
 def iter_named_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> Iterator[torch.nn.Module]:

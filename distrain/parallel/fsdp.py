@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from distrain.config import Config
-from distrain.errors import ConfigError, LaunchError
-from distrain.parallel.base import LOW_PRECISION, Backend, dtype_name
+from distrain.errors import LaunchError
+from distrain.parallel.base import (
+    LOW_PRECISION,
+    Backend,
+    checkpoint_activations,
+    dtype_name,
+    find_blocks,
+    plain_optimizer,
+    torch_step,
+)
+from distrain.parallel.launch import ParallelPlan, single_process_rendezvous
 
 
 class FSDPBackend(Backend):
@@ -24,31 +32,17 @@ class FSDPBackend(Backend):
 
     name = "fsdp2"
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = ()):
-        super().__init__(accelerator, cfg, shard_blocks)
-        env = os.environ
-        if env.get("FSDP_VERSION", "2") != "2":
-            raise ConfigError(
-                f"launch config fsdp_version={env['FSDP_VERSION']}; distrain runs FSDP2 only: set fsdp_version: 2"
-            )
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "").upper()
-        self.reshard_after_forward = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in (
-            "false", "shard_grad_op", "2",
-        )  # fmt: skip
-        self.replicate = int(env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1") or 1)
-        if strategy in ("HYBRID_SHARD", "4") and self.replicate == 1:  # HSDP: replicate across nodes
-            self.replicate = max(1, self.world_size // int(env.get("LOCAL_WORLD_SIZE", self.world_size)))
-        if self.world_size % self.replicate:
-            raise ConfigError(
-                f"parallelism_config_dp_replicate_size={self.replicate} does not divide the {self.world_size} processes"
-            )
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = (),
+                 plan: ParallelPlan | None = None):  # fmt: skip
+        super().__init__(accelerator, cfg, shard_blocks, plan)
+        p = self.parallel
+        self.reshard_after_forward, self.offload = p.reshard_after_forward, p.cpu_offload
+        self.replicate = p.replicate
         self.shard_size = self.world_size // self.replicate
-        self.offload = env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
-        if env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        if p.activation_checkpointing:  # the launch config's fsdp_activation_checkpointing
             cfg.train.activation_checkpointing = True
-        names = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-        if names:  # the launch config may name the blocks itself; otherwise the recipe's SHARD_BLOCKS
-            self.shard_blocks = tuple(n.strip() for n in names.split(",") if n.strip())
+        if p.shard_blocks:  # the launch config may name the blocks itself; otherwise the recipe's SHARD_BLOCKS
+            self.shard_blocks = p.shard_blocks
         low = LOW_PRECISION.get(cfg.precision)
         self.param_dtype, self.reduce_dtype = low or torch.float32, torch.float32
         self.mesh: Any = None
@@ -67,8 +61,8 @@ class FSDPBackend(Backend):
         else:
             self.mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
         model = model.to(device)
-        self.checkpoint_activations(model)
-        blocks = self.blocks(model)
+        checkpoint_activations(model, self.cfg, self.shard_blocks)
+        blocks = find_blocks(model, self.shard_blocks)
         if self.cfg.train.compile:  # compile the blocks before wrapping, as torchtitan does
             for block in blocks or [model]:
                 block.compile()
@@ -88,7 +82,7 @@ class FSDPBackend(Backend):
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         # Only the optimizer goes through accelerate (fp16 grad scaler); the model is wrapped already.
-        return model, self.plain_optimizer(self.accelerator.prepare(optimizer))
+        return model, plain_optimizer(self.accelerator, self.accelerator.prepare(optimizer))
 
     def verify(self, model: torch.nn.Module) -> None:
         from torch.distributed.fsdp import FSDPModule
@@ -107,12 +101,16 @@ class FSDPBackend(Backend):
         model.set_requires_gradient_sync(sync)  # type: ignore[operator]
         return contextlib.nullcontext()
 
-    def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float,
+             loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the norm over all shards
+        def clip() -> torch.Tensor:
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
+            return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the norm over all shards
+
+        return torch_step(self.accelerator, optimizer, clip, loss_finite)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -149,17 +147,8 @@ def _ensure_process_group(device: torch.device) -> None:
 
     if dist.is_initialized():
         return
-    if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    single_process_rendezvous()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_numel(p: torch.Tensor) -> int:

@@ -5,9 +5,11 @@ the precision, FSDP claimed from accelerate, the Accelerator, torch's global swi
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,34 +111,255 @@ def _check_precision(cfg: Config) -> None:
 
 
 
-def fsdp_requested() -> bool:
-    """The launch config asked for FSDP (`accelerate launch` exports ACCELERATE_USE_FSDP from the YAML)."""
-    return "true" in (os.environ.get("ACCELERATE_USE_FSDP", "").lower(), os.environ.get("DISTRAIN_USE_FSDP", ""))
+CLAIMED_FSDP = "DISTRAIN_USE_FSDP"  # the launch config's FSDP request, once hidden from accelerate
 
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The backend and its options, resolved once from `parallel.*` and the launch environment.
+
+    `backend` uses parallel.backend's names (single, ddp, fsdp2, zero0-3); `source` says what chose
+    it. The defaults are one plain process.
+    """
+
+    backend: str = "single"
+    source: str = "default"
+    world_size: int | None = None  # what the launcher was asked for; None: no launcher (one process)
+    notes: tuple[str, ...] = ()  # decisions worth a plan line
+    # FSDP2
+    reshard_after_forward: bool = True
+    replicate: int = 1  # HSDP replicas; 1: plain FSDP
+    cpu_offload: bool = False
+    shard_blocks: tuple[str, ...] = ()  # the launch config's fsdp_transformer_layer_cls_to_wrap; (): SHARD_BLOCKS
+    activation_checkpointing: bool = False  # the launch config's fsdp_activation_checkpointing
+    # DeepSpeed
+    zero_stage: int | None = None  # None: not DeepSpeed
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    deepspeed_config: str | None = None
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero_stage is not None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The plan lines printed at start: what chose the backend, and why it differs from what was asked."""
+        return [("parallel", f"{self.backend} (from {self.source})"), *(("parallel note", n) for n in self.notes)]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() == "true"
+
+
+def launch_backend() -> tuple[str, str] | None:
+    """(backend, what the launch config said) where `accelerate launch` exported an FSDP or DeepSpeed request;
+    None where the launcher only starts processes (torchrun, a multi_gpu/cpu_ddp config, no launcher)."""
+    env = os.environ
+    if _truthy(env.get("ACCELERATE_USE_FSDP")) or _truthy(env.get(CLAIMED_FSDP)):
+        if env.get("FSDP_VERSION", "2") != "2":
+            raise ConfigError(
+                f"launch config fsdp_version={env['FSDP_VERSION']}; distrain runs FSDP2 only: set fsdp_version: 2"
+            )
+        return "fsdp2", "distributed_type FSDP"
+    if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None:  # a deepspeed_config_file carries the stage; accelerate's default is 2
+            stage = _json_zero(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")).get("stage", 2)
+        return f"zero{int(stage)}", f"distributed_type DEEPSPEED with zero_stage {int(stage)}"
+    return None
+
+
+def _json_zero(path: str | None) -> dict[str, Any]:
+    """The zero_optimization block of a DeepSpeed JSON, without its "auto" values ({} without a file)."""
+    if not path or path == "none":
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            block = json.load(f).get("zero_optimization", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read as JSON: {e}") from None
+    if not isinstance(block, dict):
+        return {}
+    out = {k: v for k, v in block.items() if v != "auto"}
+    for key in ("offload_optimizer", "offload_param"):
+        device = block.get(key, {}).get("device") if isinstance(block.get(key), dict) else None
+        out.pop(key, None)
+        if device not in (None, "auto"):
+            out[key] = str(device).lower()
+    return out
+
+
+def _pick(key: str, asked: Any, default: Any, *sides: tuple[str, Any]) -> Any:
+    """parallel.<key> if set, else the first launch side's value (sides: (what says it, value)), else the
+    default; two set values that differ are an error naming both."""
+    known = [(name, v) for name, v in ((f"parallel.{key}", asked), *sides) if v is not None]
+    for name, value in known[1:]:
+        if value != known[0][1]:
+            first, chosen = known[0]
+            leave = f" or leave parallel.{key} unset" if first.startswith("parallel.") else ""
+            raise LaunchError(f"{name}={_show(value)} but {first}={_show(chosen)}: make them agree{leave}")
+    return known[0][1] if known else default
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _env_bool(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.lower() not in ("false", "0", "no", "shard_grad_op", "2")
+
+
+def resolve_plan(cfg: Config) -> ParallelPlan:
+    """The backend and its options from `cfg.parallel` and the launch environment, read once.
+
+    A launch config asking for FSDP or DeepSpeed that contradicts parallel.backend (or a set option)
+    is a LaunchError naming both; parallel.backend=auto takes the launch config's request. The resolved
+    backend and options are written back into cfg.parallel, so the run's config.yaml reproduces them.
+    """
+    par = cfg.parallel
+    world = requested_world_size()
+    processes = world or 1
+    launched = launch_backend()
+    notes: list[str] = []
+    if launched is not None:
+        backend, said = launched
+        if par.backend not in ("auto", backend):
+            raise LaunchError(
+                f"the launch config asks for {said} ({backend}) but parallel.backend={par.backend}: "
+                f"use parallel.backend={backend} (or auto) or a launch config without {said.split(' with')[0]}"
+            )
+        source = "the launch config"
+    elif par.backend == "auto":
+        backend, source = ("ddp" if processes > 1 else "single"), "auto: the number of processes"
+    else:
+        backend, source = par.backend, "parallel.backend"
+    if backend == "single" and processes > 1:
+        raise LaunchError(
+            f"parallel.backend=single but the launcher started {processes} processes: "
+            "use parallel.backend=auto (or ddp, fsdp2, zero1-3), or start one process"
+        )
+    if backend == "ddp" and processes == 1:  # nothing to all-reduce: DDP of one process is the plain loop
+        backend = "single"
+        notes.append("parallel.backend=ddp with one process runs as single")
+    fields: dict[str, Any] = {}
+    if backend == "fsdp2":
+        fields = _fsdp_fields(par, processes)
+    elif backend.startswith("zero"):
+        fields = _zero_fields(par, int(backend[4:]))
+    plan = ParallelPlan(backend=backend, source=source, world_size=world, notes=tuple(notes), **fields)
+    _record(cfg, plan)
+    return plan
+
+
+def _fsdp_fields(par: Any, processes: int) -> dict[str, Any]:
+    env = os.environ
+    reshard = _pick("fsdp_reshard_after_forward", par.fsdp_reshard_after_forward, True,
+                    ("the launch config has fsdp_reshard_after_forward", _env_bool("FSDP_RESHARD_AFTER_FORWARD")))
+    launch_replicate = env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE")
+    launched = int(launch_replicate) if launch_replicate else None
+    if launched in (None, 1) and env.get("FSDP_SHARDING_STRATEGY", "").upper() in ("HYBRID_SHARD", "4"):
+        launched = max(1, processes // int(env.get("LOCAL_WORLD_SIZE", processes)))  # HSDP: one replica per node
+    replicate = _pick("fsdp_replicate", par.fsdp_replicate, None,
+                      ("the launch config has parallelism_config_dp_replicate_size", launched))
+    if replicate is None:
+        replicate = processes // par.fsdp_shard if par.fsdp_shard else 1
+    if processes % replicate:
+        raise ConfigError(f"HSDP replicas {replicate} (parallel.fsdp_replicate or the launch config's "
+                          f"parallelism_config_dp_replicate_size) do not divide the {processes} processes")  # fmt: skip
+    if par.fsdp_shard is not None and replicate * par.fsdp_shard != processes:
+        raise ConfigError(f"parallel.fsdp_shard={par.fsdp_shard} x {replicate} replicas != the {processes} processes")
+    offload = _pick("fsdp_cpu_offload", par.fsdp_cpu_offload, False,
+                    ("the launch config has fsdp_offload_params", _env_bool("FSDP_OFFLOAD_PARAMS")))
+    names = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return {
+        "reshard_after_forward": reshard,
+        "replicate": replicate,
+        "cpu_offload": offload,
+        "shard_blocks": tuple(n.strip() for n in names.split(",") if n.strip()),
+        "activation_checkpointing": _truthy(env.get("FSDP_ACTIVATION_CHECKPOINTING")),
+    }
+
+
+def _zero_fields(par: Any, stage: int) -> dict[str, Any]:
+    env = os.environ
+    launched_json = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    launched_json = None if launched_json in (None, "", "none") else launched_json
+    path = _pick("deepspeed_config", par.deepspeed_config, None,
+                 ("the launch config has deepspeed_config_file", launched_json))
+    block = _json_zero(path)
+    where = f"DeepSpeed config {path}"
+    if "stage" in block and int(block["stage"]) != stage:
+        raise LaunchError(f"{where} has zero_optimization.stage={block['stage']} but the backend is zero{stage}: "
+                          "make them agree")  # fmt: skip
+
+    def device(key: str, launch_key: str, json_key: str) -> str:
+        launched = env.get("ACCELERATE_DEEPSPEED_" + launch_key.upper())
+        asked = getattr(par, key)
+        return _pick(key, None if asked == "auto" else asked, "none",
+                     (f"the launch config has {launch_key}", launched.lower() if launched else None),
+                     (f"{where} has zero_optimization.{json_key}.device", block.get(json_key)))
+
+    return {
+        "zero_stage": stage,
+        "offload_optimizer": device("zero_offload_optimizer", "offload_optimizer_device", "offload_optimizer"),
+        "offload_params": device("zero_offload_params", "offload_param_device", "offload_param"),
+        "deepspeed_config": path,
+    }
+
+
+def _record(cfg: Config, plan: ParallelPlan) -> None:
+    """Write the resolved backend and its options into cfg.parallel: config.yaml then reproduces the run."""
+    par = cfg.parallel
+    par.backend = plan.backend
+    if plan.backend == "fsdp2":
+        par.fsdp_reshard_after_forward, par.fsdp_cpu_offload = plan.reshard_after_forward, plan.cpu_offload
+        par.fsdp_replicate = plan.replicate
+    elif plan.deepspeed:
+        par.zero_offload_optimizer, par.zero_offload_params = plan.offload_optimizer, plan.offload_params
+        par.deepspeed_config = plan.deepspeed_config
 
 
 def _claim_fsdp_request() -> None:
     """distrain applies FSDP2 itself, on CPU and GPU alike: accelerate would silently use DDP on CPU,
-    and on GPU its prepare would wrap the model a second time. So accelerate must not see the request."""
-    if os.environ.pop("ACCELERATE_USE_FSDP", "").lower() == "true":
-        os.environ["DISTRAIN_USE_FSDP"] = "true"
-        os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", None)  # HSDP sizes are read by FSDPBackend
+    and on GPU its prepare would wrap the model a second time. So accelerate must not see the request;
+    it stays in CLAIMED_FSDP for the next run in this process (a sweep's trials)."""
+    if _truthy(os.environ.pop("ACCELERATE_USE_FSDP", None)):
+        os.environ[CLAIMED_FSDP] = "true"
+        os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", None)  # HSDP sizes are in the plan
 
 
+def _deepspeed_plugin(plan: ParallelPlan) -> Any:
+    """accelerate's DeepSpeedPlugin from the plan, the same under accelerate launch, torchrun and python."""
+    from accelerate.utils import DeepSpeedPlugin
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """One Accelerator per run. On a machine without CUDA, multi-process runs use gloo on CPU."""
+    # Fields left out (zero3_init_flag, nvme paths, ...) are read by the plugin from accelerate's exports.
+    return DeepSpeedPlugin(
+        hf_ds_config=plan.deepspeed_config or "none",
+        zero_stage=plan.zero_stage,
+        offload_optimizer_device=plan.offload_optimizer,
+        offload_param_device=plan.offload_params,
+        # without a launch config, as every shipped one sets it: no zero.Init for models built by the recipe
+        zero3_init_flag=None if "ACCELERATE_DEEPSPEED_ZERO3_INIT" in os.environ else False,
+    )
+
+
+def build_accelerator(cfg: Config, plan: ParallelPlan | None = None) -> Accelerator:
+    """One Accelerator per run, set up for `plan` (resolved from cfg here when not given).
+    On a machine without CUDA, multi-process runs use gloo on CPU."""
+    plan = plan if plan is not None else resolve_plan(cfg)
     _check_precision(cfg)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         # accelerate turns fp16 autocast off on CPU without a word; refuse instead of training in fp32.
         raise ConfigError("precision=fp16 needs a CUDA GPU (accelerate has no CPU fp16); use precision=bf16 or no")
-    world = requested_world_size()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    world = plan.world_size
     # Accelerator(cpu=True) drops a DeepSpeed request: DeepSpeed on CPU runs with cpu=False and gloo.
-    cpu = not torch.cuda.is_available() and not deepspeed
+    cpu = not torch.cuda.is_available() and not plan.deepspeed
     handlers: list[Any] = []
-    if not torch.cuda.is_available() and world and world > 1:
+    if not torch.cuda.is_available() and ((world and world > 1) or plan.deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if plan.deepspeed and not world:
+        single_process_rendezvous()  # DeepSpeed wants a process group even for one process
     _claim_fsdp_request()
     atexit.register(_close_process_group)
     accelerator = Accelerator(
@@ -144,6 +367,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.precision,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
+        deepspeed_plugin=_deepspeed_plugin(plan) if plan.deepspeed else None,
     )
     if world is not None and accelerator.num_processes != world:
         raise LaunchError(
@@ -152,6 +376,21 @@ def build_accelerator(cfg: Config) -> Accelerator:
         )
     return accelerator
 
+
+
+def single_process_rendezvous() -> None:
+    """The variables a launcher sets, for a process group of one started without a launcher."""
+    if "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _close_process_group() -> None:

@@ -1,39 +1,45 @@
-"""The one place that maps a launch to a Backend class, so only it imports the implementations."""
+"""The one place that maps a ParallelPlan to a Backend class, so only it imports the implementations."""
 
 from __future__ import annotations
-
-import os
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from distrain.config import Config
+from distrain.errors import LaunchError
 from distrain.parallel.base import Backend
-from distrain.parallel.ddp import DDPBackend
-from distrain.parallel.launch import LaunchError, fsdp_requested
+from distrain.parallel.ddp import DDPBackend, SingleBackend
+from distrain.parallel.launch import ParallelPlan, resolve_plan
 
 
 def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...],
-                   micro_batch: int | None = None, grad_accum: int | None = None) -> Backend:  # fmt: skip
-    """The backend the launch config asked for: FSDP from accelerate's env, never from its distributed
-    type, which says DDP on CPU; DeepSpeed from the accelerator's state.
+                   micro_batch: int | None = None, grad_accum: int | None = None,
+                   plan: ParallelPlan | None = None) -> Backend:  # fmt: skip
+    """The backend `plan` names (resolved from cfg and the launch environment when not given), checked
+    against what accelerate set up: FSDP2 is applied by distrain (accelerate sees plain processes),
+    DeepSpeed must be accelerate's distributed type, DDP a multi-process one.
 
     micro_batch and grad_accum are the resolved batch plan (data.batch_size=auto chooses them);
     DeepSpeed's config is filled from them. None: data.batch_size and train.grad_accum as set.
     """
+    plan = plan if plan is not None else resolve_plan(cfg)
     dtype = accelerator.distributed_type
-    if fsdp_requested():
+    if plan.deepspeed != (dtype == DistributedType.DEEPSPEED):
+        asked = f"{plan.source} asks for DeepSpeed ({plan.backend})" if plan.deepspeed else (
+            f"{plan.source} asks for {plan.backend}")  # fmt: skip
+        raise LaunchError(f"{asked} but accelerate set up {dtype.value}")
+    if plan.backend == "fsdp2":
         from distrain.parallel.fsdp import FSDPBackend
 
-        return FSDPBackend(accelerator, cfg, shard_blocks)
-    if dtype == DistributedType.DEEPSPEED:
+        return FSDPBackend(accelerator, cfg, shard_blocks, plan)
+    if plan.deepspeed:
         from distrain.parallel.zero import DeepSpeedBackend
 
-        return DeepSpeedBackend(accelerator, cfg, shard_blocks, micro_batch=micro_batch, grad_accum=grad_accum)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise LaunchError(f"the launch config asks for DeepSpeed but accelerate set up {dtype.value}")
-    if dtype == DistributedType.NO:
-        return Backend(accelerator, cfg, shard_blocks)
-    if dtype in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        return DDPBackend(accelerator, cfg, shard_blocks)
-    raise LaunchError(f"distributed type {dtype} is not supported by distrain")
+        return DeepSpeedBackend(accelerator, cfg, shard_blocks, plan, micro_batch=micro_batch, grad_accum=grad_accum)
+    if dtype not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise LaunchError(f"distributed type {dtype} is not supported by distrain")
+    if (plan.backend == "ddp") != (dtype != DistributedType.NO):
+        raise LaunchError(f"{plan.source} asks for {plan.backend} but accelerate set up {dtype.value}")
+    if plan.backend == "ddp":
+        return DDPBackend(accelerator, cfg, shard_blocks, plan)
+    return SingleBackend(accelerator, cfg, shard_blocks, plan)

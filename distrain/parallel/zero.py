@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from accelerate import Accelerator
 from distrain.config import Config
 from distrain.errors import ConfigError, LaunchError
 from distrain.parallel.base import LOW_PRECISION, Backend, dtype_name
+from distrain.parallel.launch import ParallelPlan
 
 
 class DeepSpeedBackend(Backend):
@@ -28,11 +28,12 @@ class DeepSpeedBackend(Backend):
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Config, shard_blocks: tuple[str, ...] = (),
-                 micro_batch: int | None = None, grad_accum: int | None = None):  # fmt: skip
-        super().__init__(accelerator, cfg, shard_blocks)
+                 plan: ParallelPlan | None = None, micro_batch: int | None = None,
+                 grad_accum: int | None = None):  # fmt: skip
+        super().__init__(accelerator, cfg, shard_blocks, plan)
         plugin = accelerator.state.deepspeed_plugin
         self.ds_config: dict[str, Any] = plugin.deepspeed_config
-        fill_deepspeed_config(self.ds_config, cfg, self.world_size, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+        fill_deepspeed_config(self.ds_config, cfg, self.world_size, self.parallel.deepspeed_config,
                               micro_batch=micro_batch, grad_accum=grad_accum)  # fmt: skip
         self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
         self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])

@@ -34,7 +34,7 @@ from distrain.observe.metrics import SUPERSEDED, MetricsLogger, peak_memory_mb, 
 from distrain.observe.throughput import count_flops, mfu, peak_flops
 from distrain.observe.trackers import init_trackers
 from distrain.parallel.base import Backend, count_params
-from distrain.parallel.launch import build_accelerator, configure_torch
+from distrain.parallel.launch import build_accelerator, configure_torch, resolve_plan
 from distrain.parallel.select import select_backend
 from distrain.recipe import BoundRecipe, Recipe, StepOutput
 from distrain.train import preflight, run_lock
@@ -128,7 +128,8 @@ def new_run_dir(cfg: Config) -> Path:
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
-        self.accelerator = build_accelerator(cfg)
+        self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
+        self.accelerator = build_accelerator(cfg, self.parallel)
         # accelerate's autocast() builds a context every call; fp32 needs none
         self._autocast = self.accelerator.autocast if cfg.precision != "no" else contextlib.nullcontext
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
@@ -171,7 +172,8 @@ class Trainer:
 
         model = self.recipe.build_model()
         self.backend: Backend = select_backend(self.accelerator, cfg, self.recipe.shard_blocks(model),
-                                               micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum)
+                                               plan=self.parallel, micro_batch=self.plan.micro_batch,
+                                               grad_accum=self.plan.grad_accum)  # fmt: skip
         model = self.backend.shard(model)
         self.lr = effective_lr(cfg.optim, self.plan.global_batch)
         optimizer = build_optimizer(model, cfg.optim, self.lr)
@@ -286,6 +288,7 @@ class Trainer:
             ("devices", f"{self.world_size} x {self.device.type}"
              + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")),
             ("backend", self.backend.name),
+            *self.parallel.rows(),
             ("precision", self.cfg.precision),
             ("batch", f"{p.micro_batch} micro x {p.grad_accum} accum x {p.world_size} ranks = {p.global_batch} global"),
             *([("auto batch", self.auto_batch_note)] if self.auto_batch_note else []),
