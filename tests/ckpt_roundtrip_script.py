@@ -12,7 +12,6 @@ import torch
 
 from distrain import checkpoint as ck
 from distrain.checkpoint import load as checkpoint_load
-from distrain.checkpoint import manager as trainer_checkpoint
 from distrain.checkpoint.layout import flatten_optim
 from distrain.recipe import resolve_config
 from distrain.train.trainer import Trainer
@@ -32,7 +31,7 @@ def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
 def main() -> None:
     cfg, recipe = resolve_config(sys.argv[1:])
     trainer = Trainer(cfg, recipe)
-    path = trainer_checkpoint.save(trainer, ck.step_name(0))
+    path = trainer.checkpoints.save(ck.step_name(0))
     saved = snapshot(trainer)
     model_state, optim_state = trainer.backend.checkpoint_state(trainer.model, trainer.optimizer)
     with torch.no_grad():  # perturb everything the checkpoint holds

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +161,40 @@ def test_in_process_saves_point_latest_and_apply_retention_after_the_commit(tmp_
     with pytest.raises(ck.CheckpointError, match="COMPLETE does not record the checkpoint's files"):
         ck.verify(root / ck.step_name(4))
     assert ck.find_resumable(tmp_path).name == ck.step_name(3)
+
+
+def test_each_checkpoint_manager_owns_its_threads_and_pending_saves(tmp_path, monkeypatch):
+    """Two trainers in one process (a sweep's trials): one manager's flush does not wait for the
+    other's bookkeeping, and close() ends the manager's writer threads."""
+    from distrain.checkpoint import save as checkpoint_save
+    from distrain.recipe import resolve_config
+    from distrain.train.trainer import Trainer
+
+    before = set(threading.enumerate())
+    a, b = (Trainer(*resolve_config([*TINY_HAR, f"output_dir={tmp_path / n}"])) for n in "ab")
+    release = threading.Event()
+    point_latest = checkpoint_save.point_latest
+
+    def held_for_a(root: Path, name: str, keep_last: int | None = None) -> None:
+        if root.parent.name == "a":
+            assert release.wait(20), "a's bookkeeping was waited for before it was released"
+        point_latest(root, name, keep_last)
+
+    monkeypatch.setattr(checkpoint_save, "point_latest", held_for_a)
+    path = a.checkpoints.save(ck.step_name(0))
+    assert ck.read_json(path / ck.STATE) == json.loads(json.dumps(a.state_dict()))  # trainer_state.json
+    assert a.checkpoints.last_saved_step == 0
+    b.checkpoints.save(ck.step_name(0))
+    b.checkpoints.flush()  # returns although a's `latest` is still held
+    assert (tmp_path / "b" / "checkpoints" / ck.LATEST).read_text().strip() == ck.step_name(0)
+    assert not (tmp_path / "a" / "checkpoints" / ck.LATEST).exists()
+    release.set()
+    for trainer in (a, b):
+        trainer.checkpoints.close()
+        trainer.release_run_dir()
+    assert (tmp_path / "a" / "checkpoints" / ck.LATEST).read_text().strip() == ck.step_name(0)
+    left = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("distrain-ckpt")]
+    assert left == []
 
 
 def test_hashing_while_loading_copies_large_tensors_in_chunks_and_catches_damage(tmp_path, monkeypatch):

@@ -17,9 +17,10 @@ Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 One file per step of a checkpoint's life: format.py (names, checksums, JSON), layout.py (what each
 rank writes and the index's piece map), shard_file.py (one rank's file), save.py (write, commit,
 retention), integrity.py (checksums and completeness), find.py (which checkpoint to resume), load.py
-(read back into a live model and optimizer), manager.py (the Trainer's save and resume), export.py
-(consolidated weights), resume_check.py (which settings may change on resume). No pickle: tensors
-are safetensors, everything else JSON. This module re-exports the names callers use.
+(read back into a live model and optimizer), manager.py (CheckpointManager: the Trainer's save and
+resume, and the writer threads it owns), export.py (consolidated weights), resume_check.py (which
+settings may change on resume). No pickle: tensors are safetensors, everything else JSON. This
+module re-exports the names callers use.
 """
 
 from distrain.checkpoint.find import choose, find_best, find_resumable, resolve, set_aside_future

@@ -31,6 +31,7 @@ from distrain.checkpoint.format import (
 )
 from distrain.errors import CheckpointError
 
+# Process-wide, not a CheckpointManager's: the old format is named once whoever verifies it (resume, export).
 _LEGACY_WARNED: set[Path] = set()
 
 

@@ -145,6 +145,7 @@ class Geometry:
     regions: tuple[tuple[int, list[int], list[int]], ...]
 
 
+# Process-wide, not a CheckpointManager's: a memo of a pure function of an immutable spec, right for all.
 _GEOMETRY: dict[int, tuple[Any, Geometry]] = {}
 
 

@@ -51,51 +51,6 @@ def _write_recorded(path: Path, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "xxh3_128": bytes_checksums(data)}
 
 
-
-_WRITER: ThreadPoolExecutor | None = None
-
-
-
-def _in_thread(fn: Any, *args: Any) -> Future:
-    """Run fn on a background writer thread (file writes release the GIL, and concurrent fsyncs
-    share a journal commit), returning its future. The thread is kept: starting one per save
-    costs about a millisecond on a busy machine."""
-    global _WRITER
-    if _WRITER is None:
-        _WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="distrain-ckpt")
-    return _WRITER.submit(fn, *args)
-
-
-
-_AFTER: ThreadPoolExecutor | None = None
-
-
-
-_PENDING: list[Future] = []
-
-
-
-def _after_commit(fn: Any, *args: Any) -> None:
-    """Run fn after the save returns, in order, on one thread: pointing `latest` at a committed
-    checkpoint and deleting older ones (which can take long for big ones) need not hold up
-    training. The interpreter waits for it at exit; flush_pending waits for it now."""
-    global _AFTER
-    if _AFTER is None:
-        _AFTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-after")
-    for done in [f for f in _PENDING if f.done()]:
-        _PENDING.remove(done)
-        done.result()  # an earlier one that failed raises here, at the next save, not never
-    _PENDING.append(_AFTER.submit(fn, *args))
-
-
-
-def flush_pending() -> None:
-    """Wait until `latest` and retention of every finished save are done (errors re-raised)."""
-    while _PENDING:
-        _PENDING.pop(0).result()
-
-
-
 def point_latest(root: Path, name: str, keep_last: int | None = None) -> None:
     """Atomically replace `latest` (temp file, rename), then apply retention. `latest` is not
     fsynced: it is a pointer for people and tools, resume=auto scans for COMPLETE folders
@@ -106,6 +61,165 @@ def point_latest(root: Path, name: str, keep_last: int | None = None) -> None:
     if keep_last:
         apply_retention(root, keep_last)
 
+
+class CheckpointWriter:
+    """One saver's threads, the bookkeeping it has not finished, and its cache of the index layout.
+
+    Each CheckpointManager owns one, so two trainers in a process (a sweep) neither wait for each
+    other's saves nor share a cache; the module-level save_checkpoint and flush_pending use a
+    default one.
+    """
+
+    def __init__(self) -> None:
+        self._writer: ThreadPoolExecutor | None = None
+        self._after: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._layout: tuple[tuple[Any, ...], str] | None = None
+
+    def save(
+        self,
+        run_dir: str | os.PathLike,
+        name: str,
+        model_state: dict[str, torch.Tensor],
+        optim_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_text: str,
+        rank: int = 0,
+        world: int = 1,
+        keep_last: int | None = None,
+    ) -> Path:
+        """Write checkpoint `name` (step_<N> or best) under <run_dir>/checkpoints; every rank calls it.
+
+        Returns the final folder, which is COMPLETE and flushed on rank 0's return (other ranks
+        return once their shard is flushed and its checksum handed to rank 0; anything that reads a
+        checkpoint goes through rank 0 first). Then, on a background thread (flush waits for
+        it), `latest` is pointed at it and retention (keep_last, step_* folders only) deletes older
+        ones. One collective: a gather of each shard's size and checksum on rank 0. A failed write
+        (disk full) raises CheckpointError on the rank it happened on and on rank 0, which removes
+        the temp folder; the earlier checkpoints are untouched.
+        """
+        root = Path(run_dir) / CKPT_DIR
+        final = root / name
+        tmp = root / f".tmp-{name}"
+        step = int(trainer_state.get("step", 0))
+        texts: dict[str, str] = {}
+        texts_written: list[Future] = []
+        checksums, size, failure = [], -1, None
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: removed before COMPLETE
+            if rank == 0:
+                _clear_stale(root, keep=tmp)
+            fault_point("before_shards", rank, step)
+
+            optim_tensors, optim_extra = flatten_optim(optim_state)
+            tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
+            tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world).items()}
+            shard = tmp / shard_name(rank)
+            # No RNG states: distrain.train.rng derives them from the step.
+            write_shard(shard, tensors, {"format": FORMAT})
+            if rank == 0:  # the rank-independent files, flushed on another thread while this one flushes the shard
+                tensors_json = self._layout_json(model_state, optim_tensors, world)
+                optim_json = json.dumps(optim_extra, default=json_default)
+                index = (f'{{"format": "{FORMAT}", "version": {VERSION}, "world_size": {world}, '
+                         f'"tensors": {tensors_json}, "optim": {optim_json}}}')  # fmt: skip
+                texts = {STATE: json.dumps(trainer_state, indent=1, default=json_default), CONFIG: config_text,
+                         INDEX: index}  # fmt: skip
+                texts_written = [self._in_thread(_write_recorded, tmp / n, t.encode()) for n, t in texts.items()]
+            checksums = list(block_checksums(shard).values())
+            size = shard.stat().st_size
+            fsync_path(shard)
+        except Exception as e:  # still join the gather below: the other ranks wait in it
+            failure = e
+        fault_point("between_shards", rank, step)
+        files = _gather_files(checksums, size, rank, world)
+        if rank != 0:
+            if failure is not None:
+                raise _save_error(final, failure)
+            return final
+
+        try:
+            if failure is not None:
+                raise failure
+            lost = [f for f, info in files.items() if info["bytes"] < 0]
+            if lost:
+                raise CheckpointError(f"checkpoint {final} was not saved: {', '.join(lost)} could not be written "
+                                      "(see that rank's error); the earlier checkpoints are kept")  # fmt: skip
+            fault_point("before_complete", rank, step)
+            files |= dict(zip(texts, (f.result() for f in texts_written), strict=True))
+            for leftover in tmp.iterdir():  # files of a crashed save of the same name (e.g. a shard of a rank gone)
+                if leftover.name not in files:
+                    leftover.unlink()
+            # COMPLETE, written last, vouches for every other file: its size and checksums.
+            record = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+            write_synced(tmp / COMPLETE, json.dumps(record) + "\n")
+            fsync_path(tmp)
+            _commit(root, tmp, final)
+        except Exception as e:
+            for f in texts_written:  # no writer thread may still be writing into the folder removed here
+                f.exception()
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _save_error(final, e)
+            if error is e:
+                raise
+            raise error from e
+        fault_point("before_latest", rank, step)
+        if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush
+            self._after_commit(point_latest, root, name, keep_last)
+        return final
+
+    def flush(self) -> None:
+        """Wait until `latest` and retention of every finished save are done (errors re-raised)."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """flush, then end the threads (a later save starts new ones); errors of the bookkeeping re-raised."""
+        try:
+            self.flush()
+        finally:
+            for pool in (self._writer, self._after):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._writer = self._after = None
+
+    def _in_thread(self, fn: Any, *args: Any) -> Future:
+        """Run fn on a background writer thread (file writes release the GIL, and concurrent fsyncs
+        share a journal commit), returning its future. The threads are kept until close: starting
+        one per save would cost more than the small files it writes."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="distrain-ckpt")
+        return self._writer.submit(fn, *args)
+
+    def _after_commit(self, fn: Any, *args: Any) -> None:
+        """Run fn after the save returns, in order, on one thread: pointing `latest` at a committed
+        checkpoint and deleting older ones (which can take long for big ones) need not hold up
+        training. The interpreter waits for it at exit; flush waits for it now."""
+        if self._after is None:
+            self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-after")
+        for done in [f for f in self._pending if f.done()]:
+            self._pending.remove(done)
+            done.result()  # an earlier one that failed raises here, at the next save, not never
+        self._pending.append(self._after.submit(fn, *args))
+
+    def _layout_json(self, model_state: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor],
+                     world: int) -> str:  # fmt: skip
+        """index.json's "tensors": the piece map of every rank (layout.layout), as JSON.
+
+        Cached: it depends only on names, shapes, dtypes and shard geometry, which do not change
+        between the saves of a run, and checking that signature is much cheaper than building and
+        encoding the map on rank 0's critical path.
+        """
+        dt = dtensor_type()
+        signature = (world, *((k, v.shape, v.dtype, geometry(v) if isinstance(v, dt) else None)
+                              for part in (model_state, optim_tensors) for k, v in part.items()))  # fmt: skip
+        if self._layout is None or self._layout[0] != signature:
+            tensors = {**{f"model.{k}": v for k, v in layout(model_state, world, shard_name).items()},
+                       **{f"optim.{k}": v for k, v in layout(optim_tensors, world, shard_name).items()}}  # fmt: skip
+            self._layout = (signature, json.dumps(tensors))
+        return self._layout[1]
+
+
+_DEFAULT = CheckpointWriter()  # for callers without a CheckpointManager (tools, tests, benchmarks)
 
 
 def save_checkpoint(
@@ -119,84 +233,13 @@ def save_checkpoint(
     world: int = 1,
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint `name` (step_<N> or best) under <run_dir>/checkpoints; every rank calls it.
+    """CheckpointWriter.save on the module's default writer (flush_pending waits for its bookkeeping)."""
+    return _DEFAULT.save(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world, keep_last)
 
-    Returns the final folder, which is COMPLETE and flushed on rank 0's return (other ranks
-    return once their shard is flushed and its checksum handed to rank 0; anything that reads a
-    checkpoint goes through rank 0 first). Then, on a background thread (flush_pending waits for
-    it), `latest` is pointed at it and retention (keep_last, step_* folders only) deletes older
-    ones. One collective: a gather of each shard's size and checksum on rank 0. A failed write
-    (disk full) raises CheckpointError on the rank it happened on and on rank 0, which removes
-    the temp folder; the earlier checkpoints are untouched.
-    """
-    root = Path(run_dir) / CKPT_DIR
-    final = root / name
-    tmp = root / f".tmp-{name}"
-    step = int(trainer_state.get("step", 0))
-    texts: dict[str, str] = {}
-    texts_written: list[Future] = []
-    checksums, size, failure = [], -1, None
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: removed before COMPLETE
-        if rank == 0:
-            _clear_stale(root, keep=tmp)
-        fault_point("before_shards", rank, step)
 
-        optim_tensors, optim_extra = flatten_optim(optim_state)
-        tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
-        tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world).items()}
-        shard = tmp / shard_name(rank)
-        write_shard(shard, tensors, {"format": FORMAT})  # no RNG states: distrain.train.rng derives them from the step
-        if rank == 0:  # the rank-independent files, flushed on another thread while this one flushes the shard
-            tensors_json = _layout_json(model_state, optim_tensors, world)
-            optim_json = json.dumps(optim_extra, default=json_default)
-            index = (f'{{"format": "{FORMAT}", "version": {VERSION}, "world_size": {world}, '
-                     f'"tensors": {tensors_json}, "optim": {optim_json}}}')  # fmt: skip
-            texts = {STATE: json.dumps(trainer_state, indent=1, default=json_default), CONFIG: config_text,
-                     INDEX: index}  # fmt: skip
-            texts_written = [_in_thread(_write_recorded, tmp / n, t.encode()) for n, t in texts.items()]
-        checksums = list(block_checksums(shard).values())
-        size = shard.stat().st_size
-        fsync_path(shard)
-    except Exception as e:  # still join the gather below: the other ranks wait in it
-        failure = e
-    fault_point("between_shards", rank, step)
-    files = _gather_files(checksums, size, rank, world)
-    if rank != 0:
-        if failure is not None:
-            raise _save_error(final, failure)
-        return final
-
-    try:
-        if failure is not None:
-            raise failure
-        lost = [f for f, info in files.items() if info["bytes"] < 0]
-        if lost:
-            raise CheckpointError(f"checkpoint {final} was not saved: {', '.join(lost)} could not be written "
-                                  "(see that rank's error); the earlier checkpoints are kept")  # fmt: skip
-        fault_point("before_complete", rank, step)
-        files |= dict(zip(texts, (f.result() for f in texts_written), strict=True))
-        for leftover in tmp.iterdir():  # files of a crashed save of the same name (e.g. a shard of a rank gone)
-            if leftover.name not in files:
-                leftover.unlink()
-        # COMPLETE, written last, vouches for every other file: its size and checksums.
-        record = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-        write_synced(tmp / COMPLETE, json.dumps(record) + "\n")
-        fsync_path(tmp)
-        _commit(root, tmp, final)
-    except Exception as e:
-        for f in texts_written:  # no writer thread may still be writing into the folder removed here
-            f.exception()
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = _save_error(final, e)
-        if error is e:
-            raise
-        raise error from e
-    fault_point("before_latest", rank, step)
-    if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush_pending
-        _after_commit(point_latest, root, name, keep_last)
-    return final
-
+def flush_pending() -> None:
+    """Wait until `latest` and retention of every save through save_checkpoint are done (errors re-raised)."""
+    _DEFAULT.flush()
 
 
 def _save_error(final: Path, error: Exception) -> Exception:
@@ -205,30 +248,6 @@ def _save_error(final: Path, error: Exception) -> Exception:
     if isinstance(error, OSError):
         return CheckpointError(f"cannot write checkpoint {final}: {error}; the earlier checkpoints are kept")
     return error
-
-
-
-_LAYOUT: tuple[tuple[Any, ...], str] | None = None
-
-
-
-def _layout_json(model_state: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor], world: int) -> str:
-    """index.json's "tensors": the piece map of every rank (checkpoint_state.layout), as JSON.
-
-    Cached: it depends only on names, shapes, dtypes and shard geometry, which do not change
-    between the saves of a run, and building plus encoding it sits on rank 0's critical path;
-    checking the signature is much cheaper.
-    """
-    global _LAYOUT
-    dt = dtensor_type()
-    signature = (world, *((k, v.shape, v.dtype, geometry(v) if isinstance(v, dt) else None)
-                          for part in (model_state, optim_tensors) for k, v in part.items()))  # fmt: skip
-    if _LAYOUT is None or _LAYOUT[0] != signature:
-        tensors = {**{f"model.{k}": v for k, v in layout(model_state, world, shard_name).items()},
-                   **{f"optim.{k}": v for k, v in layout(optim_tensors, world, shard_name).items()}}  # fmt: skip
-        _LAYOUT = (signature, json.dumps(tensors))
-    return _LAYOUT[1]
-
 
 
 def _gather_files(checksums: list[str], size: int, rank: int, world: int) -> dict[str, dict[str, Any]]:
@@ -258,7 +277,6 @@ def _gather_files(checksums: list[str], size: int, rank: int, world: int) -> dic
     return out
 
 
-
 def _clear_stale(root: Path, keep: Path) -> None:
     """Remove the temp folders of crashed saves (rank 0, at the start of a save).
 
@@ -274,7 +292,6 @@ def _clear_stale(root: Path, keep: Path) -> None:
             restore_replaced(root, stale.name.removeprefix(".tmp-old-"))
         if stale.exists():
             shutil.rmtree(stale, ignore_errors=True)
-
 
 
 def restore_replaced(root: Path, name: str) -> bool:
@@ -293,7 +310,6 @@ def restore_replaced(root: Path, name: str) -> bool:
     fsync_path(root)
     log.warning("restored %s from %s, the copy an interrupted save left", original, old.name)
     return True
-
 
 
 def _commit(root: Path, tmp: Path, final: Path) -> None:
@@ -316,7 +332,6 @@ def _commit(root: Path, tmp: Path, final: Path) -> None:
     fsync_path(root)
 
 
-
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint folder: renamed to `.tmp-del-*` first (atomic), then deleted, so a crash
     part-way never leaves a folder with COMPLETE but without its shards under a loadable name."""
@@ -326,7 +341,6 @@ def remove_checkpoint(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(doomed, ignore_errors=True)
-
 
 
 def apply_retention(root: Path, keep_last: int) -> None:

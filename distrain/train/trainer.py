@@ -1,6 +1,9 @@
-"""The training loop shared by every recipe: train_step, evaluate, train.
+"""The training loop shared by every recipe: build (__init__), train, train_step, evaluate, and the
+trainer's checkpointed state (state_dict / load_state_dict).
 
-Nothing here depends on the backend: the Backend object owns wrapping, sync, backward,
+The run's life around the loop (run dir, config.yaml, final weights, test split, summary) is
+distrain.train.lifecycle's; saving and resuming is the CheckpointManager's (distrain.checkpoint.
+manager). Nothing here depends on the backend: the Backend object owns wrapping, sync, backward,
 clipping and the optimizer step. The loss of an optimizer step is the sum of per-sample
 losses over all its micro-batches and ranks divided by the global sample count, so the
 gradient equals the big-batch gradient whatever the accumulation, world size or batch sizes.
@@ -9,35 +12,32 @@ gradient equals the big-batch gradient whatever the accumulation, world size or 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from distrain import checkpoint
-from distrain.checkpoint import manager as trainer_checkpoint
+from distrain.checkpoint import resume_check
+from distrain.checkpoint.format import step_name, versions
+from distrain.checkpoint.manager import CheckpointManager
 from distrain.checkpoint.resume_check import Decision
-from distrain.checkpoint.weights import save_weights
-from distrain.config import Config, to_plain
+from distrain.config import Config
 from distrain.errors import ConfigError, Interrupted, TrainingError
 from distrain.fault_points import EVAL_STAGE, fault_point
 from distrain.observe.log import held_records, setup_logging
-from distrain.observe.metrics import SUPERSEDED, MetricsLogger, peak_memory_mb, slurm_info, supersede_rows, write_json
+from distrain.observe.metrics import MetricsLogger, peak_memory_mb, slurm_info
 from distrain.observe.throughput import count_flops, mfu, peak_flops
 from distrain.observe.trackers import init_trackers
 from distrain.parallel.base import Backend, count_params
 from distrain.parallel.launch import build_accelerator, configure_torch, resolve_plan
 from distrain.parallel.select import select_backend
-from distrain.recipe import BoundRecipe, Recipe, StepOutput
-from distrain.train import preflight, run_lock
+from distrain.recipe import INFO_KEY, BoundRecipe, Recipe, StepOutput
+from distrain.train import lifecycle, preflight
 from distrain.train.data import (
     BatchPlan,
     EvalBatchSampler,
@@ -51,78 +51,10 @@ from distrain.train.data import (
 from distrain.train.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.train.rng import seed_step
 from distrain.train.signals import InterruptFlag
+from distrain.train.state import TrainState
+from distrain.train.step import EvalResult, StepResult, Window
 
 log = logging.getLogger("distrain")
-
-
-@dataclass
-class TrainState:
-    """Everything that changes as training runs; what a checkpoint has to restore."""
-
-    step: int = 0
-    epoch: int = 0
-    consumed: int = 0  # samples of the current epoch's order already trained on
-    best_metric: float | None = None
-    best_step: int = -1
-    best_epoch: int = -1
-    bad_evals: int = 0
-    bad_steps: int = 0
-    skipped_steps: int = 0
-    stopped_early: bool = False
-    last_eval_step: int = -1  # so a resume neither repeats an evaluation nor loses one
-    rows_logged: int = 0  # metrics.jsonl lines written up to this state (rank 0's count)
-    elapsed: float = 0.0  # seconds of training in this lineage up to this state, over all resumed segments
-    segments: int = 1  # processes this lineage ran in (1 + resumes)
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step did, as train_step returns it."""
-
-    loss: torch.Tensor  # the step's global mean loss
-    grad_norm: float  # global gradient norm before clipping
-    applied: bool  # False: skipped (non-finite loss or gradient, or an fp16 overflow)
-    loss_finite: bool
-    interrupt: int  # exit code of the signal some rank received (0: none): all ranks stop after this step
-    tokens: int  # tokens of the step over all ranks (0 when the recipe does not count them)
-    backward_done: float  # perf_counter when the forward/backward pass finished (after a host sync)
-
-
-@dataclass
-class Window:
-    """Sums over the steps since the last training log row."""
-
-    start: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    finite: int = 0
-    loss: float = 0.0
-    samples: int = 0
-    data: float = 0.0
-    compute: float = 0.0
-    optim: float = 0.0
-    tokens: int = 0
-
-    def add(self, loss: float, samples: int, data: float, compute: float, optim: float, tokens: int = 0) -> None:
-        self.steps += 1
-        self.tokens += tokens
-        if math.isfinite(loss):
-            self.finite += 1
-            self.loss += loss
-        self.samples += samples
-        self.data += data
-        self.compute += compute
-        self.optim += optim
-
-
-def new_run_dir(cfg: Config) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / Path(cfg.recipe).stem / stamp
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{stamp}-{n}"), n + 1
-    return path
 
 
 class Trainer:
@@ -180,6 +112,8 @@ class Trainer:
         self.model, self.optimizer = self.backend.prepare(model, optimizer)
         self.backend.verify(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.lr)
+        # This config's lr, weight decay, betas and base lrs, which load_state_dict puts back over a checkpoint's.
+        self._config_groups = resume_check.config_hyperparameters(self.scheduler)
 
         on_cuda = self.device.type == "cuda"
         self.train_sampler = TrainBatchSampler(self.plan)
@@ -198,23 +132,26 @@ class Trainer:
         self.interrupt = InterruptFlag()
         self.on_eval: list[Any] = []  # callables (step, val_metrics) run after every evaluation
         preflight.dry_run(self)  # one tiny forward of step and metrics: a misfit recipe fails before any write
-        self.run_dir = self._make_run_dir()
-        self._last_saved_step = -1
-        self.resume_notes: list[Decision] = []  # each setting that differs from the checkpoint's, and its verdict
+        self.run_dir, self._run_lock = lifecycle.claim_run_dir(cfg, self.accelerator, self.rank, self.world_size)
+        self.checkpoints = CheckpointManager(self)
         # Resume before anything is written to the run dir: a checkpoint that does not fit raises here.
         try:
             with held_records() as resume_log:
-                self.resumed_from = trainer_checkpoint.resume(self) if cfg.resume else None
+                resumed = self.checkpoints.resume() if cfg.resume else None
         except ConfigError:
             self.release_run_dir()  # removes the lock file, and the run dir if this run created it and it is empty
             if self.rank == 0 and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # created just above: a refused resume leaves nothing behind
             raise
-        self._write_config()
+        self.resumed_from = resumed.path if resumed is not None else None
+        self.resume_notes: list[Decision] = []  # each setting that differs from the checkpoint's, and its verdict
+        if resumed is not None:
+            self.resume_notes, self.best_weights = resumed.notes, resumed.best_weights
+        lifecycle.write_config(cfg, self.run_dir, self.rank, self.accelerator)
         setup_logging(self.rank, self.run_dir, resume_log)
         if self.resumed_from is not None:
             self.state.segments += 1
-        self._own_rows()
+        lifecycle.continue_rows(self.state, self.resumed_from, self.run_dir, self.rank)
         if self.resumed_from is not None:
             log.info("resumed from %s at step %d (epoch %d, %d samples in); segment %d of this run",
                      self.resumed_from, self.state.step, self.state.epoch, self.state.consumed,
@@ -225,60 +162,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _make_run_dir(self) -> Path:
-        """Rank 0 picks the directory (a timestamp could differ between ranks) and creates it."""
-        from accelerate.utils import broadcast_object_list
-
-        chosen: list[str | None] = [None, None]  # the run dir, and rank 0's refusal to use it
-        self._run_lock: run_lock.RunLock | None = None
-        if self.rank == 0:
-            chosen[0] = str(new_run_dir(self.cfg))
-            try:  # one training per folder, and no fresh run over a finished one: before anything is written
-                self._run_lock = run_lock.take(chosen[0], self.cfg.resume)
-            except ConfigError as e:
-                chosen[1] = str(e)
-        if self.world_size > 1:
-            broadcast_object_list(chosen, from_process=0)
-        if chosen[1]:
-            raise ConfigError(chosen[1])  # on every rank, so none waits for the others
-        self.accelerator.wait_for_everyone()
-        return Path(chosen[0])  # type: ignore[arg-type]
-
     def release_run_dir(self) -> None:
         """Let another run use the run dir (also done at process exit)."""
         if self._run_lock is not None:
             self._run_lock.release()
             self._run_lock = None
-
-    def _own_rows(self) -> None:
-        """metrics.jsonl keeps the rows of the state this run continues (those its checkpoint counted
-        when it came from this run dir; none for a start from scratch) and marks a resume; rows a
-        killed segment wrote later go to metrics.superseded.jsonl, so each step appears once."""
-        s, came_from = self.state, self.resumed_from
-        own = came_from is not None and came_from.parent.parent.resolve() == self.run_dir.resolve()
-        marker = None if came_from is None else {"event": "resume", "step": s.step, "from": str(came_from),
-                                                  "segment": s.segments}  # fmt: skip
-        if self.rank == 0:
-            s.rows_logged, moved = supersede_rows(self.run_dir, s.rows_logged if own else 0, marker)
-            if moved:
-                log.info("%d metrics.jsonl rows of an interrupted segment (after the state continued here) moved "
-                         "to %s", moved, SUPERSEDED)  # fmt: skip
-
-    def _write_config(self) -> None:
-        if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(self.cfg), sort_keys=False))
-        self.accelerator.wait_for_everyone()
-
-    def _save_step(self) -> None:
-        """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
-        if self._last_saved_step != self.state.step:
-            self._save(checkpoint.step_name(self.state.step))
-            self._last_saved_step = self.state.step
-
-    def _save(self, name: str) -> None:
-        self.state.elapsed = self._elapsed()  # rank 0's clock is the one summary.json reports
-        self.state.rows_logged = self._logger.rows
-        trainer_checkpoint.save(self, name)
 
     def plan_text(self) -> str:
         total, trainable = count_params(self.backend.unwrap(self.model))
@@ -303,6 +191,59 @@ class Trainer:
         ]
         width = max(len(k) for k, _ in rows)
         return "plan\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What trainer_state.json holds at a step boundary (torchtitan's Stateful): the position and
+        counters, the schedule, the grad scaler, and what a resume checks it against. The model
+        and optimizer state are the backend's (CheckpointManager saves both)."""
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        scaler = getattr(self.accelerator, "scaler", None)
+        s = self.state
+        return {
+            "step": s.step,
+            "epoch": s.epoch,
+            "consumed": s.consumed,
+            "train_state": dataclasses.asdict(s),
+            "scheduler": sched,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "world_size": self.world_size,
+            "backend": self.backend.name,
+            "global_batch": self.plan.global_batch,
+            "recipe": self.recipe.name,
+            INFO_KEY: self.recipe.info,  # what build_model takes from the data: export and load_model read it
+            "versions": versions(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned: position and counters, the schedule (with this config's
+        hyper-parameters, the lr recomputed for the step), the grad scaler. No RNG state: every
+        random stream is a function of (seed, rank, step) (distrain.train.rng)."""
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in state["train_state"].items() if k in fields})
+        sched = self.scheduler
+        sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
+        resume_check.reapply_hyperparameters(sched, self._config_groups)
+        # The schedule is a pure function of the step: recompute the lr from the (maybe longer) new
+        # schedule, the same expression LambdaLR uses, so an unchanged config gives identical values.
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+        # torch's own attribute (what get_last_lr returns): LRScheduler has no public way to set it.
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    def _save_step(self) -> None:
+        """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
+        if self.checkpoints.last_saved_step != self.state.step:
+            self._save(step_name(self.state.step))
+
+    def _save(self, name: str) -> None:
+        self.state.elapsed = self._elapsed()  # rank 0's clock is the one summary.json reports
+        self.state.rows_logged = self._logger.rows
+        self.checkpoints.save(name)
 
     # ------------------------------------------------------------------ steps
 
@@ -379,7 +320,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, Any]:
+    def evaluate(self, split: str) -> EvalResult:
         """Loss and the recipe's metrics on a split, each sample counted exactly once across ranks."""
         dataset = self.datasets[split]
         bs = self.cfg.data.eval_batch_size or 2 * self.plan.micro_batch
@@ -407,11 +348,10 @@ class Trainer:
 
         loss = gather(losses)
         p, y = gather(preds), gather(targets)
-        result: dict[str, Any] = {"loss": float(loss.mean()) if loss is not None else float("nan")}
+        metrics: dict[str, Any] = {"loss": float(loss.mean()) if loss is not None else float("nan")}
         if p is not None and y is not None:
-            result.update(self.recipe.metrics(p, y))
-        self._last_eval_outputs = (p, y)
-        return result
+            metrics.update(self.recipe.metrics(p, y))
+        return EvalResult(metrics, p, y)
 
     def _on_eval(self, metrics: dict[str, Any]) -> None:
         """Track the best metric, keep the best weights, count evaluations without improvement."""
@@ -441,7 +381,7 @@ class Trainer:
 
     def _run_eval(self, logger: MetricsLogger, elapsed: float) -> None:
         fault_point(EVAL_STAGE, self.rank, self.state.step)
-        metrics = self.evaluate("val")
+        metrics = self.evaluate("val").metrics
         row = {"step": self.state.step, "epoch": self.state.epoch, "time": round(elapsed, 3)}
         row.update({f"val/{k}": v for k, v in metrics.items()})
         logger.log(row, self.state.step)
@@ -486,7 +426,7 @@ class Trainer:
         finally:
             self.interrupt.restore()
             logger.close()
-        return self._finish(exit_code, self._elapsed())
+        return lifecycle.finish(self, exit_code, self._elapsed())
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._start
@@ -593,75 +533,3 @@ class Trainer:
             if util is not None:
                 out["mfu"] = util
         return out
-
-    # ------------------------------------------------------------------ end
-
-    def _finish(self, exit_code: int, wall: float) -> dict[str, Any]:
-        s = self.state
-        checkpoint.flush_pending()  # `latest` and retention of the last saves, done in the background
-        final = self.backend.full_state_dict(self.model)
-        if self.rank == 0:
-            meta = {"step": str(s.step), **self.recipe.weights_metadata()}  # load_model(run dir) needs no data
-            save_weights(final, self.run_dir / "model.safetensors", metadata=meta)
-        if self.cfg.log.save_rank_weights:
-            local = self.backend.local_state_dict(self.model)
-            save_weights({k: _local(v) for k, v in local.items()}, self.run_dir / f"rank_{self.rank}.safetensors")
-        if exit_code:
-            self._close_trackers()
-            self.accelerator.wait_for_everyone()
-            self.release_run_dir()
-            return {"exit_code": exit_code, "step": s.step}
-        test_metrics: dict[str, Any] = {}
-        if self.best_weights is not None and s.best_step != s.step:
-            self.backend.load_local_state_dict(self.model, self.best_weights)
-            best = self.backend.full_state_dict(self.model)
-            if self.rank == 0:
-                meta = {"step": str(s.best_step), **self.recipe.weights_metadata()}
-                save_weights(best, self.run_dir / "best_model.safetensors", metadata=meta)
-        else:
-            if s.best_step not in (-1, s.step):
-                log.warning("the best weights (step %d) were not restorable; the test split uses the final ones",
-                            s.best_step)  # fmt: skip
-            if self.rank == 0:  # an earlier segment's (a finished run continued with a larger max_steps)
-                (self.run_dir / "best_model.safetensors").unlink(missing_ok=True)
-        if "test" in self.datasets:
-            test_metrics = self.evaluate("test")
-            log.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
-            if self.rank == 0 and self.recipe.report is not None:
-                preds, targets = self._last_eval_outputs
-                self.recipe.report(self.run_dir, "test", preds, targets)
-        summary = {
-            "recipe": self.recipe.name,
-            "steps": s.step,
-            "epochs_completed": s.epoch,
-            "best_step": s.best_step,
-            "best_epoch": s.best_epoch,
-            "best_metric": {self.cfg.train.metric: s.best_metric},
-            "test": test_metrics,
-            "stopped_early": s.stopped_early,
-            "skipped_steps": s.skipped_steps,
-            "wall_time_s": round(wall, 3),  # all segments of a resumed run, up to each one's last checkpoint
-            "samples_per_s": round(s.step * self.plan.global_batch / wall, 2) if wall > 0 else 0.0,
-            "segments": s.segments,
-            "world_size": self.world_size,
-            "backend": self.backend.name,
-            "run_dir": str(self.run_dir),
-            **({"slurm": slurm_info()} if slurm_info() else {}),
-        }
-        if self.rank == 0:
-            write_json(self.run_dir / "summary.json", summary)
-            log.info("done in %.1f s; summary in %s", wall, self.run_dir / "summary.json")
-        self._close_trackers()
-        self.release_run_dir()
-        return summary
-
-    def _close_trackers(self) -> None:
-        # Not accelerator.end_training(): it also destroys the process group while other ranks may
-        # still be writing, which aborts gloo ranks; parallel.launch.leave_process_group ends multi-process runs.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
