@@ -53,6 +53,8 @@ class Backend(abc.ABC):
         self.shard_blocks = shard_blocks
         self.world_size = accelerator.num_processes
         self.parallel = plan if plan is not None else ParallelPlan()
+        self._parameters_of: torch.nn.Module | None = None
+        self._parameters: list[torch.nn.Parameter] = []
 
     # -- building
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -93,11 +95,18 @@ class Backend(abc.ABC):
              loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
         """End an optimizer step: clip, then apply it unless the loss or the gradient norm is non-finite.
 
-        Returns (the global gradient norm before clipping, whether the step was applied). A skipped
-        step leaves weights and optimizer state untouched and drops the gradients; under fp16 it
-        also backs the loss scale off. Every rank must reach the same decision, so `loss_finite`
+        Returns (the global gradient norm before clipping, on the host; whether the step was applied).
+        A skipped step leaves weights and optimizer state untouched and drops the gradients; under
+        fp16 it also backs the loss scale off. Every rank must reach the same decision, so `loss_finite`
         is the global loss's verdict and the norm is global.
         """
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """model.parameters(), listed once per model: walking the module tree every step costs more than
+        the rest of clipping's bookkeeping, and prepared parameters are only ever updated in place."""
+        if self._parameters_of is not model:
+            self._parameters_of, self._parameters = model, list(model.parameters())
+        return self._parameters
 
     def after_forward_only(self, model: torch.nn.Module) -> None:
         """After forwards without a backward (evaluation): put the model back as training holds it."""
@@ -187,7 +196,7 @@ def torch_step(accelerator: Accelerator, optimizer: Any, clip: Callable[[], torc
     plain = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper under fp16
     if scaler is not None:
         scaler.unscale_(plain)
-    norm = clip()
+    norm = clip().cpu()  # read once, before the optimizer's kernels are queued
     applied = loss_finite and math.isfinite(float(norm))
     if scaler is None:
         if applied:

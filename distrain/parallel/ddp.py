@@ -31,7 +31,7 @@ class SingleBackend(Backend):
     def step(self, model: torch.nn.Module, optimizer: Any, clip_norm: float,
              loss_finite: bool) -> tuple[torch.Tensor, bool]:  # fmt: skip
         max_norm = clip_norm if clip_norm > 0 else float("inf")  # 0: only measure
-        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(self.parameters(model), max_norm)
         return torch_step(self.accelerator, optimizer, clip, loss_finite)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -106,7 +106,7 @@ class FSDPBackend(Backend):
         from torch.distributed.tensor import DTensor
 
         def clip() -> torch.Tensor:
-            params = [p for p in model.parameters() if p.grad is not None]
+            params = [p for p in self.parameters(model) if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
             return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the norm over all shards
 

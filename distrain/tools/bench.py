@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from distrain.errors import ConfigError
@@ -30,36 +29,25 @@ class ArgParser(argparse.ArgumentParser):
 
 
 class StepRunner:
-    """Runs real optimizer steps of a built Trainer outside its epoch loop (no eval, no saving)."""
+    """Runs real optimizer steps of a built Trainer outside its epoch loop (no eval, no saving, no logging):
+    the trainer's own batches and train_step, with the schedule and the state advanced as the loop does."""
 
     def __init__(self, trainer: Any):
         self.t = trainer
-        self.epoch, self.consumed = 0, 0
-        self._batches: Iterator[Any] = iter(())
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
-        self.t.train_sampler.set_position(self.epoch, 0)
-        self.order = self.t.plan.order(self.epoch)
-        self._batches = iter(self.t.train_loader)
-        self.consumed = 0
+        self.batches = trainer.epoch_batches()
 
     def step(self) -> float:
         """One optimizer step; returns its wall time in seconds (the loss is read, so the device has finished)."""
-        from distrain.train.data import move_to
-
-        t, plan = self.t, self.t.plan
-        idx = plan.step_samples(self.order, self.consumed)
-        if len(idx) < plan.global_batch:  # epoch exhausted: next epoch, like the trainer
-            self.epoch += 1
-            self._start_epoch()
-            idx = plan.step_samples(self.order, 0)
+        t, s = self.t, self.t.state
+        if not self.batches.count:  # the epoch is over: on to the next one, as Trainer.train goes on
+            s.epoch, s.consumed = s.epoch + 1, 0
+            self.batches = t.epoch_batches()
         start = time.perf_counter()
-        micro = [move_to(next(self._batches), t.device, t.non_blocking) for _ in range(plan.grad_accum)]
-        loss = t.train_step(micro, len(idx)).loss
+        count = self.batches.count
+        loss = t.train_step(self.batches.take(), count).loss
         t.scheduler.step()
+        s.step, s.consumed = s.step + 1, self.batches.consumed
         float(loss)
-        self.consumed += len(idx)
         return time.perf_counter() - start
 
 
@@ -101,7 +89,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
             util = mfu(trainer.flops_per_sample, result["samples_per_s"], 1, trainer.peak_flops)
             if util is not None:
                 result["mfu"] = util
-        trainer.accelerator.end_training()
+        trainer.release_run_dir()
     return result
 
 
@@ -136,7 +124,9 @@ def main(argv: list[str]) -> int:
         args, overrides = _parse(argv)
         if args.one:
             print("RESULT " + json.dumps(measure(overrides, args.steps, args.warmup)))
-            return 0
+            from distrain.parallel.launch import leave_process_group
+
+            return leave_process_group(0)  # as a training run ends: no process group torn down under a peer
         sizes = _ints(args.batch_sizes, "--batch-sizes") or [None]
         precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
         bad = [p for p in precisions if p not in ("no", "bf16", "fp16")]

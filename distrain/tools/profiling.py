@@ -49,8 +49,10 @@ def main(argv: list[str]) -> int:
     table, trace_dir = profile(trainer, StepRunner(trainer), args.steps, args.warmup, args.top, args.memory)
     print(table)
     print(f"trace: {trace_dir} (open the .pt.trace.json in ui.perfetto.dev, or tensorboard --logdir {trace_dir})")
-    trainer.accelerator.end_training()
-    return 0
+    trainer.release_run_dir()
+    from distrain.parallel.launch import leave_process_group
+
+    return leave_process_group(0)  # as a training run ends: no process group torn down under a peer
 
 
 def profile(

@@ -142,7 +142,10 @@ class BatchPlan:
 
     def micro_batches(self, step_idx: np.ndarray) -> list[np.ndarray]:
         """This rank's micro-batches of one step; chunk m*world+r goes to micro-step m on rank r."""
-        parts = np.array_split(step_idx, self.chunks)
+        if len(step_idx) == self.global_batch:  # a full step: equal parts, as array_split makes them, without its cost
+            parts = step_idx.reshape(self.chunks, self.micro_batch)
+        else:
+            parts = np.array_split(step_idx, self.chunks)
         return [parts[m * self.world_size + self.rank] for m in range(self.grad_accum)]
 
 
@@ -173,6 +176,40 @@ class TrainBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.plan.steps_per_epoch - self.consumed // self.plan.global_batch) * self.plan.grad_accum
+
+
+class EpochBatches:
+    """One rank's way through an epoch from a global sample position: `count` is the global sample
+    count of the next optimizer step (0: the epoch has no step left) and `take()` fetches this
+    rank's micro-batches of that step, on the device, and moves the position past it."""
+
+    def __init__(self, plan: BatchPlan, sampler: TrainBatchSampler, loader: DataLoader, epoch: int, consumed: int,
+                 device: torch.device, non_blocking: bool = False):  # fmt: skip
+        self.plan, self.epoch, self.consumed = plan, epoch, consumed
+        self.device, self.non_blocking = device, non_blocking
+        self._order = plan.order(epoch)
+        self.count = len(plan.step_samples(self._order, consumed))
+        sampler.set_position(epoch, consumed)  # before the loader's workers (if any) start reading it
+        self._batches = iter_batches(loader)
+
+    def take(self) -> list[Any]:
+        micro = [move_to(next(self._batches), self.device, self.non_blocking) for _ in range(self.plan.grad_accum)]
+        self.consumed += self.count
+        self.count = len(self.plan.step_samples(self._order, self.consumed))
+        return micro
+
+
+def iter_batches(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches. In-process ones (no workers, no pinning) are fetched as the DataLoader's
+    single-process iterator fetches them, without its per-batch bookkeeping (a profiler range and
+    index checks), which costs more than gathering a batch of in-memory columns."""
+    if loader.num_workers > 0 or loader.pin_memory:
+        return iter(loader)
+    dataset, collate = loader.dataset, loader.collate_fn
+    getitems = getattr(dataset, "__getitems__", None)
+    if getitems:
+        return (collate(getitems(idx)) for idx in loader.batch_sampler)
+    return (collate([dataset[i] for i in idx]) for idx in loader.batch_sampler)  # type: ignore[index]
 
 
 class EvalBatchSampler(Sampler):

@@ -40,6 +40,7 @@ from distrain.recipe import INFO_KEY, BoundRecipe, Recipe, StepOutput
 from distrain.train import lifecycle, preflight
 from distrain.train.data import (
     BatchPlan,
+    EpochBatches,
     EvalBatchSampler,
     TrainBatchSampler,
     as_dataset,
@@ -275,11 +276,11 @@ class Trainer:
                 count_flops() if counting else contextlib.nullcontext() as flops,
             ):
                 out = self.forward(batch)
-                per_sample = out.loss.float()
-                self.backend.backward(per_sample.sum() * factor)
+                batch_sum = out.loss.float().sum()  # one reduction for the backward and the logged loss alike
+                self.backend.backward(batch_sum * factor)
             if counting:
                 self.flops_per_sample = flops() / batch_size_of(batch)
-            batch_sum = per_sample.detach().sum()
+            batch_sum = batch_sum.detach()
             loss_sum = batch_sum if loss_sum is None else loss_sum + batch_sum
             if self.recipe.tokens is not None:
                 tokens += int(self.recipe.tokens(batch))
@@ -291,9 +292,11 @@ class Trainer:
             packed = torch.cat([loss_sum[None], torch.tensor([flag, float(tokens)], device=self.device)])
             packed = self._all_reduce_sum(packed)
             loss_sum, flag, tokens = packed[0], float(packed[1]), int(packed[2])
-        loss = loss_sum / global_count
-        loss_finite = math.isfinite(float(loss))  # a host sync: waits for the backward on CUDA too,
-        backward_done = time.perf_counter()  # so the time split is real
+        # The loss's one host read (a sync: it waits for the backward on CUDA, so the time split is
+        # real), made before the optimizer's kernels are queued: a read after them would wait for them too.
+        loss = (loss_sum / global_count).cpu()
+        loss_finite = math.isfinite(float(loss))
+        backward_done = time.perf_counter()
         grad_norm, applied = self.backend.step(self.model, self.optimizer, self.cfg.train.clip_norm, loss_finite)
         interrupt = self._agreed_exit_code() if flag > 0 else 0  # every rank sees the same summed flag
         return StepResult(loss=loss, grad_norm=float(grad_norm), applied=applied, loss_finite=loss_finite,
@@ -435,31 +438,35 @@ class Trainer:
         every, s = self.cfg.train.eval_every, self.state
         return bool(every) and s.step > 0 and s.step % every == 0 and s.last_eval_step != s.step
 
+    def epoch_batches(self) -> EpochBatches:
+        """This rank's training batches from the state's position (epoch, samples consumed) to the end of its epoch."""
+        s = self.state
+        return EpochBatches(self.plan, self.train_sampler, self.train_loader, s.epoch, s.consumed, self.device,
+                            self.non_blocking)  # fmt: skip
+
     def _train_epoch(self, logger: MetricsLogger) -> bool:
         """Train from the current position; True when the epoch ran out of samples."""
         cfg, s = self.cfg, self.state
-        self.train_sampler.set_position(s.epoch, s.consumed)
-        order = self.plan.order(s.epoch)
-        batches = iter(self.train_loader)
+        batches = self.epoch_batches()
         window = Window()
         while True:
-            step_idx = self.plan.step_samples(order, s.consumed)
-            if len(step_idx) == 0:
+            count = batches.count
+            if count == 0:
                 return True
             if s.step >= self.total_steps or s.stopped_early:
                 return False
             t0 = time.perf_counter()
-            micro = [move_to(next(batches), self.device, self.non_blocking) for _ in range(self.plan.grad_accum)]
+            micro = batches.take()
             t1 = time.perf_counter()
-            result = self.train_step(micro, len(step_idx))
+            result = self.train_step(micro, count)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             s.step += 1
-            s.consumed += len(step_idx)
+            s.consumed = batches.consumed
             loss_value = float(result.loss)
             self._check_finite(result, loss_value)
             tb = result.backward_done
-            window.add(loss_value, len(step_idx), t1 - t0, tb - t1, time.perf_counter() - tb, result.tokens)
+            window.add(loss_value, count, t1 - t0, tb - t1, time.perf_counter() - tb, result.tokens)
             if s.step % cfg.log.every == 0 or s.step == self.total_steps:
                 self._log_train(logger, window, lr, result.grad_norm)
                 window = Window()
