@@ -35,11 +35,12 @@ def _calls(run) -> float:
 
 def _plain_loop_calls(cfg, recipe) -> float:
     """A hand-written loop: the recipe's model, AdamW, warmup + cosine, clipping, the loss read each step."""
-    train = as_dataset(recipe.build_datasets(cfg).train)
+    splits = recipe.load_datasets(cfg)
+    train = as_dataset(splits.train)
     plan = BatchPlan(num_samples=len(train), micro_batch=BATCH, grad_accum=1, world_size=1, rank=0, seed=0)
     order = plan.order(0)
     batches = [order[i * BATCH : (i + 1) * BATCH].tolist() for i in range(LAST)]
-    model = recipe.build_model(cfg)
+    model = recipe.bind(cfg, splits.info).build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / LAST)))
 
