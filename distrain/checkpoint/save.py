@@ -222,24 +222,9 @@ class CheckpointWriter:
 _DEFAULT = CheckpointWriter()  # for callers without a CheckpointManager (tools, tests, benchmarks)
 
 
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    name: str,
-    model_state: dict[str, torch.Tensor],
-    optim_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    config_text: str,
-    rank: int = 0,
-    world: int = 1,
-    keep_last: int | None = None,
-) -> Path:
-    """CheckpointWriter.save on the module's default writer (flush_pending waits for its bookkeeping)."""
-    return _DEFAULT.save(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world, keep_last)
-
-
-def flush_pending() -> None:
-    """Wait until `latest` and retention of every save through save_checkpoint are done (errors re-raised)."""
-    _DEFAULT.flush()
+# For callers without a CheckpointManager: the default writer's save, and the wait for its bookkeeping.
+save_checkpoint = _DEFAULT.save
+flush_pending = _DEFAULT.flush
 
 
 def _save_error(final: Path, error: Exception) -> Exception:
