@@ -202,6 +202,38 @@ def test_deepspeed_launch_that_accelerate_did_not_set_up_is_refused(accelerator,
         select_backend(accelerator, Config(), ())
 
 
+def _launched_env(monkeypatch, processes: int) -> None:
+    """What torchrun sets in rank 0 of `processes`."""
+    for key, value in {"WORLD_SIZE": processes, "RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(key, str(value))
+
+
+@pytest.mark.parametrize(("processes", "backend"), [(1, "auto"), (1, "ddp"), (2, "auto"), (2, "ddp")])
+def test_one_process_under_a_multi_process_launcher_runs_single(monkeypatch, processes, backend):
+    # A one-task Slurm job launches through the DDP config: accelerate says MULTI_CPU with one process.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    _launched_env(monkeypatch, processes)
+    launched = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=processes, device="cpu")
+    cfg = Config()
+    cfg.parallel.backend = backend
+    chosen = select_backend(launched, cfg, ())
+    assert chosen.name == ("ddp" if processes > 1 else "single")
+
+
+def test_two_processes_asked_but_one_set_up_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    _launched_env(monkeypatch, 2)
+    launched = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, device="cpu")
+    with pytest.raises(LaunchError, match="asks for ddp but accelerate set up NO with 1 process"):
+        select_backend(launched, Config(), ())
+
+
 def test_activation_checkpointing_needs_named_blocks(accelerator):
     cfg = Config()
     cfg.train.activation_checkpointing = True

@@ -38,8 +38,11 @@ def select_backend(accelerator: Accelerator, cfg: Config, shard_blocks: tuple[st
         return DeepSpeedBackend(accelerator, cfg, shard_blocks, plan, micro_batch=micro_batch, grad_accum=grad_accum)
     if dtype not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise LaunchError(f"distributed type {dtype} is not supported by distrain")
-    if (plan.backend == "ddp") != (dtype != DistributedType.NO):
-        raise LaunchError(f"{plan.source} asks for {plan.backend} but accelerate set up {dtype.value}")
+    # One process under a multi-process launcher (e.g. a one-task Slurm job) is the plain loop; DDP of one is a no-op.
+    multi = dtype != DistributedType.NO and accelerator.num_processes > 1
+    if (plan.backend == "ddp") != multi:
+        got = f"{dtype.value} with {accelerator.num_processes} process(es)"
+        raise LaunchError(f"{plan.source} asks for {plan.backend} but accelerate set up {got}")
     if plan.backend == "ddp":
         return DDPBackend(accelerator, cfg, shard_blocks, plan)
     return SingleBackend(accelerator, cfg, shard_blocks, plan)
