@@ -1,14 +1,18 @@
 """Framework overhead: distrain vs a minimal hand-written PyTorch loop (and HF Trainer, Lightning).
 
-Same har model (same init), same batches in the same order, same AdamW with the same parameter
-groups, cosine schedule and clipping, fp32, one process, CPU. Runs are interleaved (A B C D, A B C D,
-...) so machine noise hits every framework alike; the figure is the median time of blocks of
+Same har model (same init), same batches in the same order, the same dropout draws (every loop
+re-seeds the global RNGs before each step as distrain does, rng.seed_step), same AdamW with the
+same parameter groups, cosine schedule and clipping, fp32, one process, CPU. The others get
+torch's default AdamW, on CPU its per-parameter loop; distrain's own runs torch's multi-tensor
+implementation there, bitwise the same updates (--foreach gives it to the others too, which
+leaves the frameworks' own overhead). Runs are interleaved (A B C D, A B C D, ...) so
+machine noise hits every framework alike; the figure is the median time of blocks of
 BLOCK steps (step end to step end, the first block of every run dropped as warm-up), and the
 ratio of each framework's median to the hand loop's, measured in the same run. Both wall time
 and process CPU time are reported: on a shared machine other processes inflate wall time at
 random, while CPU time (one torch thread, no loader workers) counts only this process's work.
 
-    python benchmarks/overhead.py [--reps 3] [--steps 60] [--batch 32]
+    python benchmarks/overhead.py [--reps 3] [--steps 60] [--batch 32] [--foreach]
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ sys.path.insert(0, str(REPO))
 
 from distrain.recipe import resolve_config  # noqa: E402
 from distrain.train.data import ArrayDataset, BatchPlan  # noqa: E402
+from distrain.train.rng import seed_step  # noqa: E402
 
 BLOCK = 10
 SEED = 0
+FOREACH: list[bool | None] = [None]  # the others' AdamW implementation: torch's default, or --foreach
 
 
 def setup(batch: int, steps: int):
@@ -54,9 +60,12 @@ def setup(batch: int, steps: int):
 
 def make_model(cfg, recipe) -> torch.nn.Module:
     torch.manual_seed(SEED)  # the trainer seeds, builds the datasets (no torch RNG), then the model
-    model = recipe.build_model()
-    torch.manual_seed(SEED + 7919)  # the trainer's dropout stream for rank 0
-    return model
+    return recipe.build_model()
+
+
+def seed(step: int) -> None:
+    """The global RNGs for 0-based `step`, as distrain seeds them on rank 0 (its dropout stream)."""
+    seed_step(SEED, 0, step)
 
 
 def make_optimizer(model: torch.nn.Module, cfg, steps: int):
@@ -64,7 +73,7 @@ def make_optimizer(model: torch.nn.Module, cfg, steps: int):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, foreach=FOREACH[0])
     warm = round(cfg.sched.warmup_ratio * steps)
 
     def factor(s: int) -> float:
@@ -95,7 +104,8 @@ def run_hand(cfg, recipe, train, batches) -> tuple[list[float], list[float]]:
     model.train()
     ends, losses = [], []
     start = now()
-    for batch in loader(train, batches):
+    for step, batch in enumerate(loader(train, batches)):
+        seed(step)
         loss = F.cross_entropy(model(batch["x"]), batch["y"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
@@ -152,6 +162,9 @@ def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str
     ends: list[tuple[float, float]] = []
 
     class Stamp(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seed(state.global_step)
+
         def on_step_end(self, *args, **kwargs):
             ends.append(now())
 
@@ -161,7 +174,7 @@ def run_hf(cfg, recipe, train, batches) -> tuple[list[float], list[float]] | str
         args = TrainingArguments(
             output_dir=tmp, max_steps=len(batches), per_device_train_batch_size=len(batches[0]),
             max_grad_norm=cfg.train.clip_norm, logging_steps=BLOCK, save_strategy="no", report_to=[],
-            use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=SEED + 7919,
+            use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
         )  # fmt: skip
 
         class SameBatches(HFTrainer):
@@ -188,6 +201,9 @@ def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]
             super().__init__()
             self.model = model
 
+        def on_train_batch_start(self, batch, batch_idx):
+            seed(self.global_step)
+
         def training_step(self, batch, _):
             return F.cross_entropy(self.model(batch["x"]), batch["y"])
 
@@ -205,7 +221,6 @@ def run_lightning(cfg, recipe, train, batches) -> tuple[list[float], list[float]
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=tempfile.gettempdir(),
     )  # fmt: skip
-    torch.manual_seed(SEED + 7919)
     start = now()
     trainer.fit(module, loader(train, batches))
     return blocks(ends, start), window_means(losses)
@@ -218,7 +233,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--only", default="hand,distrain,hf,lightning")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least hurt by other load)")
+    parser.add_argument("--foreach", action="store_true", help="the others' AdamW multi-tensor, like distrain's")
     args = parser.parse_args()
+    FOREACH[0] = True if args.foreach else None
     torch.set_num_threads(args.threads)
     cfg, recipe, train, batches = setup(args.batch, args.steps)
     runners = {"hand": run_hand, "distrain": run_distrain, "hf": run_hf, "lightning": run_lightning}
@@ -237,7 +254,8 @@ def main() -> int:
             times[name].extend(result[0])
             losses[name] = result[1]
     print(f"har, batch {args.batch}, {args.steps} steps x {args.reps} interleaved reps, fp32, 1 process, "
-          f"{torch.get_num_threads()} CPU thread(s); blocks of {BLOCK} steps, medians")  # fmt: skip
+          f"{torch.get_num_threads()} CPU thread(s); blocks of {BLOCK} steps, medians"
+          + ("; every loop's AdamW multi-tensor" if args.foreach else ""))  # fmt: skip
     print(f"{'framework':<10} {'wall ms/step':>13} {'wall ratio':>11} {'CPU ms/step':>12} {'CPU ratio':>10} "
           f"{'blocks':>7} {'max |dloss|':>12}")  # fmt: skip
     hand_wall = statistics.median(b[0] for b in times["hand"])

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from distrain.config import OptimConfig
 from distrain.parallel import launch
 from distrain.recipe import resolve_config
 from distrain.tools import bench, profiling
 from distrain.train.data import BatchPlan, as_dataset
+from distrain.train.optim import build_optimizer, param_groups
 from distrain.train.trainer import Trainer
 
 from helpers import TINY_HAR, weights
@@ -86,6 +88,35 @@ def test_the_loop_makes_no_more_python_calls_per_step_than_a_plain_loop(tmp_path
     plain = _plain_loop_calls(cfg, recipe)
     ours = _distrain_calls(tmp_path)
     assert ours <= plain, f"distrain {ours:.0f} Python calls per step, a plain loop {plain:.0f}"
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_cpu_optimizers_run_multi_tensor_with_the_per_parameter_loops_arithmetic(name):
+    """On CPU distrain's optimizers take torch's foreach path (one call per operation, not per
+    parameter and operation), and end bitwise where torch's default per-parameter loop ends."""
+    cfg, recipe = resolve_config(["recipe=har", f"optim.name={name}"])
+    splits = recipe.load_datasets(cfg)
+    bound = recipe.bind(cfg, splits.info)
+    torch.manual_seed(0)
+    ours_model = bound.build_model()
+    ref_model = bound.build_model()
+    ref_model.load_state_dict(ours_model.state_dict())
+    o = OptimConfig(name=name, weight_decay=0.05)
+    ours = build_optimizer(ours_model, o, lr=2e-3)
+    kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+    groups = param_groups(ref_model, o.weight_decay)
+    ref = kinds[name](groups, lr=2e-3) if name in kinds else torch.optim.SGD(groups, lr=2e-3, momentum=o.momentum)
+    assert all(g["foreach"] for g in ours.param_groups) and not any(g["foreach"] for g in ref.param_groups)
+    data = splits.train
+    for step in range(4):
+        x, y = data["x"][step * 16 : (step + 1) * 16], data["y"][step * 16 : (step + 1) * 16]
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            torch.manual_seed(step)  # the same dropout
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def _steps(trainer: Trainer, n: int) -> None:

@@ -32,11 +32,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups: Iterable = param_groups(model, cfg.weight_decay)
+    foreach = multi_tensor(model)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, foreach=foreach)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, foreach=foreach)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=foreach)
+
+
+def multi_tensor(model: torch.nn.Module) -> bool | None:
+    """True for plain CPU parameters, else torch's default (None: multi-tensor on CUDA already).
+
+    On CPU torch defaults to its per-parameter loop; the multi-tensor (foreach) implementation
+    runs the same kernels on each tensor, so the same arithmetic, with one Python call per
+    operation instead of one per operation and parameter. Sharded (DTensor) parameters keep the default.
+    """
+    plain_cpu = all(p.device.type == "cpu" and type(p.data) is torch.Tensor for p in model.parameters())
+    return True if plain_cpu else None
 
 
 def warmup_steps(cfg: SchedConfig, total_steps: int) -> int:
