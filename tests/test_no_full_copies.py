@@ -123,3 +123,18 @@ def test_zero2_checkpoints_hold_each_ranks_partition_resume_exactly_and_reshard(
     assert sorted(got) == list(range(11, 21)) and max(abs(got[s] - want[s]) for s in got) <= 1e-5
     # the final weights (gathered to rank 0 tensor by tensor) equal the partitions consolidated
     assert_same_weights(load_weights_dir(export(z2, tmp_path / "export")), weights(z2))
+
+
+@pytest.mark.multiproc
+def test_zero3_restores_the_best_weights_from_best_on_disk_into_the_weights_the_forward_uses(tmp_path):
+    """ZeRO-3 at the end of a run whose best evaluation came early: the best weights read back from
+    best/ (each rank its own partition) are also the ones the test split's forward uses, the
+    parameters ZeRO-3 keeps gathered after a forward included: DDP (same ranks, same dropout) is
+    the reference."""
+    run_distrain([*BEST, f"output_dir={tmp_path / 'zero3'}"], "cpu_zero3")
+    run_distrain([*BEST, f"output_dir={tmp_path / 'ddp'}"], "cpu_ddp")
+    got, want = (ck.read_json(tmp_path / name / "summary.json") for name in ("zero3", "ddp"))
+    assert 0 < got["best_step"] == want["best_step"] < 15
+    assert abs(got["test"]["loss"] / want["test"]["loss"] - 1) < 1e-5, (got["test"], want["test"])
+    best = weights(tmp_path / "zero3", "best_model.safetensors")
+    assert_same_weights(best, checkpoint_load.full_model_state(tmp_path / "zero3" / "checkpoints" / "best"))

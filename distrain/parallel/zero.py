@@ -248,14 +248,20 @@ class DeepSpeedBackend(Backend):
     def _refresh_working_weights(self, module: torch.nn.Module) -> None:
         """After the fp32 master partitions changed: the weights the forward uses from them (ZeRO-1/2:
         every rank's partition all-gathered into the whole working copy; ZeRO-3: this rank's partition)."""
+        zero = self.engine.optimizer
         if self.stage != 3:
-            self.engine.optimizer.update_lp_params()
+            zero.update_lp_params()
             return
+        # As DeepSpeed's own checkpoint loading does: release every gathered parameter first (the
+        # persistent ones stay gathered after a forward and would keep their old values), write the
+        # partitions, then gather the persistent ones again from them.
+        zero.checkpoint_event_prologue()
         with torch.no_grad():
             for p in dict(module.named_parameters()).values():
                 if self._partitioned(p):
                     local, _ = self._flat_part(p)
                     p.ds_tensor.data.view(-1)[: local.numel()].copy_(local)  # type: ignore[attr-defined]
+        zero.checkpoint_event_epilogue()
 
     def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from distrain.checkpoint.layout import FlatShard
