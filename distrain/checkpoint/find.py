@@ -118,7 +118,13 @@ def find_best(ckpt: Path, state: dict[str, Any], rank: int = 0, world: int = 1) 
     best_step = train.get("best_step", -1)
     if ckpt.name == "best" or best_step in (-1, train.get("step")):
         return None
-    root = ckpt.parent
+    return find_best_in(ckpt.parent, best_step, rank, world)
+
+
+def find_best_in(root: Path, best_step: int, rank: int = 0, world: int = 1) -> tuple[Path, dict[str, Any]] | None:
+    """The best/ checkpoint (or its moved-aside copy `.tmp-old-best`) in checkpoints folder `root` that
+    holds step `best_step` and verifies on every rank, with its index; None if there is none. All
+    ranks call it and get the same answer."""
     candidates = [p for p in (root / "best", root / ".tmp-old-best") if _saved_step(p) == best_step]
     for candidate in candidates or [None]:
         index, error = verify_together(candidate, len(candidates), rank, world, defer=False)

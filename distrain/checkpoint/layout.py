@@ -4,8 +4,11 @@ The live state of a module and its optimizer (`live_states`, and `set_live_state
 back), the flat tensor/JSON split of an optimizer state, and the
 pieces: which rank writes which part of each tensor (`rank_tensors`, on every rank) and the
 resulting map of tensor -> pieces for the index (`layout`, on rank 0). Both follow one rule: a
-DTensor's shard is written by the rank holding it (once per replica group), and a replicated
-tensor by rank `i % world` for the i-th such tensor in name order, so all ranks write.
+DTensor's shard is written by the rank holding it (once per replica group), a FlatShard (a
+DeepSpeed ZeRO partition: a contiguous run of the tensor flattened) by its rank as the
+rectangular blocks that run covers, and a replicated tensor by rank `i % world` for the i-th such
+tensor in name order, so all ranks write. A FlatShard's blocks (several per file) are stored
+under names of their own, which the index marks ("block").
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +32,7 @@ def flatten_optim(optim_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     tensors, scalars = {}, {}
     for fqn, entries in optim_sd.get("state", {}).items():
         for name, value in entries.items():
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) or isinstance(value, FlatShard):
                 tensors[f"{fqn}.{name}"] = value
             else:
                 scalars[f"{fqn}.{name}"] = value
@@ -127,10 +131,78 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
-def _replicated(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the plain (not DTensor) tensors of a state, in the order that assigns their writers."""
+def _replicated(tensors: dict[str, Any]) -> list[str]:
+    """Names of the plain (not DTensor, not FlatShard) tensors of a state, in the order that assigns their writers."""
     dt = dtensor_type()
-    return sorted(k for k, v in tensors.items() if not isinstance(v, dt))
+    return sorted(k for k, v in tensors.items() if not isinstance(v, (dt, FlatShard)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatShard:
+    """One rank's part of a tensor that is partitioned flat (DeepSpeed ZeRO): elements
+    [start, start + local.numel()) of the full tensor flattened in row-major order, and where
+    every rank's part lies, so rank 0 can index all of them and a load under any backend finds
+    each region. `local` is the live partition (a view), so saving and loading copy nothing more."""
+
+    local: torch.Tensor  # 1-D, this rank's values (may be empty)
+    full_shape: tuple[int, ...]
+    start: int
+    spans: tuple[tuple[int, int, int], ...]  # (rank, start, numel) of every rank's non-empty part
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.full_shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.full_shape)
+
+
+def flat_blocks(start: int, end: int, shape: tuple[int, ...] | list[int]) -> list[tuple[list[int], list[int]]]:
+    """The run [start, end) of a row-major tensor of `shape` as rectangular blocks (offset, shape),
+    in order; each block is itself a contiguous run, at most 2 * ndim - 1 of them."""
+    if end <= start:
+        return []
+    if not shape:
+        return [([], [])]
+    inner = math.prod(shape[1:])
+    if inner == 0:
+        return []
+    (r0, a), (r1, b) = divmod(start, inner), divmod(end, inner)
+    rest = list(shape[1:])
+    if r0 == r1:  # within one row
+        return [([r0, *o], [1, *s]) for o, s in flat_blocks(a, b, rest)]
+    out = []
+    if a:
+        out += [([r0, *o], [1, *s]) for o, s in flat_blocks(a, inner, rest)]
+        r0 += 1
+    if r1 > r0:
+        out.append(([r0, *[0] * len(rest)], [r1 - r0, *rest]))
+    if b:
+        out += [([r1, *o], [1, *s]) for o, s in flat_blocks(0, b, rest)]
+    return out
+
+
+def block_name(key: str, offset: list[int]) -> str:
+    """The name a FlatShard's block is stored under in its file (several blocks of one tensor share a file)."""
+    return f"{key}@{','.join(map(str, offset))}"
+
+
+def piece_name(key: str, piece: dict[str, Any]) -> str:
+    """The name piece `piece` of tensor `key` has in its file: a FlatShard's block ("block": true)
+    is stored under block_name, anything else under the tensor's own name."""
+    return block_name(key, piece["offset"]) if piece.get("block") is True else key
+
+
+def placement(t: Any) -> Any:
+    """What besides shape and dtype decides a state entry's pieces (for caching the index layout)."""
+    if isinstance(t, dtensor_type()):
+        return geometry(t)
+    return t.spans if isinstance(t, FlatShard) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,13 +262,17 @@ def _local_shard(t: torch.Tensor) -> torch.Tensor | None:
     return local[tuple(slice(0, s) for s in geo.shape)] if list(local.shape) != geo.shape else local  # padded
 
 
-def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """What this rank writes of a state: its DTensor shards and every world-th replicated tensor,
-    on CPU and contiguous (tensors sharing storage, such as tied weights, are written as they are)."""
+def rank_tensors(tensors: dict[str, Any], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """What this rank writes of a state: its DTensor shards, its FlatShards' blocks and every
+    world-th replicated tensor, on CPU and contiguous (tensors sharing storage, such as tied
+    weights, are written as they are)."""
     mine = set(_replicated(tensors)[rank::world])
     dt = dtensor_type()
     out = {}
     for key, t in tensors.items():
+        if isinstance(t, FlatShard):
+            out |= _flat_blocks(key, t)
+            continue
         local = _local_shard(t) if isinstance(t, dt) else t if key in mine else None
         if local is None:
             continue
@@ -206,14 +282,31 @@ def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dic
     return out
 
 
-def layout(tensors: dict[str, torch.Tensor], world: int, file_of: Callable[[int], str]) -> dict[str, dict[str, Any]]:
-    """Index entries of a state: global shape, dtype and the pieces [{file, offset, shape}] that
-    rank_tensors writes on every rank, computed from shapes and placements alone."""
+def _flat_blocks(key: str, t: FlatShard) -> dict[str, torch.Tensor]:
+    """A FlatShard's blocks by their names in the file, on CPU (views of the partition where it is on CPU)."""
+    out, pos = {}, 0
+    local = t.local.detach()
+    for offset, shape in flat_blocks(t.start, t.start + local.numel(), t.full_shape):
+        n = math.prod(shape)
+        block = local[pos : pos + n]
+        pos += n
+        block = block.to("cpu") if block.device.type != "cpu" else block
+        out[block_name(key, offset)] = block.contiguous().view(shape)
+    return out
+
+
+def layout(tensors: dict[str, Any], world: int, file_of: Callable[[int], str]) -> dict[str, dict[str, Any]]:
+    """Index entries of a state: global shape, dtype and the pieces [{file, offset, shape[, block]}]
+    that rank_tensors writes on every rank, computed from shapes and placements alone; "block":
+    the piece is stored under block_name (readers older than it find no tensor of its name and stop)."""
     owner = {k: i % world for i, k in enumerate(_replicated(tensors))}
     out = {}
     for key, t in tensors.items():
         if key in owner:
             pieces = [{"file": file_of(owner[key]), "offset": [0] * t.ndim, "shape": list(t.shape)}]
+        elif isinstance(t, FlatShard):
+            pieces = [{"file": file_of(r), "offset": o, "shape": s, "block": True}
+                      for r, start, n in t.spans for o, s in flat_blocks(start, start + n, t.full_shape)]  # fmt: skip
         else:
             pieces = [{"file": file_of(r), "offset": o, "shape": s} for r, o, s in geometry(t).regions]
         out[key] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "pieces": pieces}

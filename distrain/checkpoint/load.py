@@ -18,7 +18,16 @@ from torch.autograd.graph import increment_version
 from distrain.checkpoint.collective import agree_failed
 from distrain.checkpoint.format import BLOCKS, INDEX, block_size, plain_name, read_json, shard_name
 from distrain.checkpoint.integrity import describe_fault, hashed_while_loading, recorded_files, verify
-from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, local_tensor, unflatten_optim
+from distrain.checkpoint.layout import (
+    FlatShard,
+    dtensor_type,
+    flat_blocks,
+    flatten_optim,
+    geometry,
+    local_tensor,
+    piece_name,
+    unflatten_optim,
+)
 from distrain.checkpoint.shard_file import ShardFile, ShardFileError
 from distrain.errors import CheckpointError, ChecksumError
 
@@ -43,7 +52,7 @@ class _Reader:
 
     def _piece(self, key: str, piece: dict[str, Any]) -> torch.Tensor:
         try:
-            t = self._file(piece["file"]).tensor(key)
+            t = self._file(piece["file"]).tensor(piece_name(key, piece))
         except ShardFileError as e:
             raise CheckpointError(f"checkpoint file {e}") from None
         if list(t.shape) != piece["shape"]:
@@ -65,11 +74,12 @@ class _Reader:
         shape = list(dst.shape)
         piece = self._exact_piece(key, offset, shape)
         if piece is not None:  # the usual case (same layout as saved): straight from the file
+            name = piece_name(key, piece)
             if piece["file"] == self._defer_file and dst.is_cpu and dst.is_contiguous():
-                self._deferred[key] = dst  # copied while the file is hashed (load_verified)
+                self._deferred[name] = dst  # copied while the file is hashed (load_verified)
                 return
             try:
-                if self._file(piece["file"]).copy_into(key, dst):
+                if self._file(piece["file"]).copy_into(name, dst):
                     return
             except ShardFileError as e:
                 raise CheckpointError(f"checkpoint file {e}") from None
@@ -105,8 +115,16 @@ class _Reader:
         self._files.clear()  # the maps close once no tensor views them
 
 
-def _fill(reader: _Reader, key: str, target: torch.Tensor) -> None:
-    """Copy the saved values of `key` into `target` in place (this rank's shard of a DTensor)."""
+def _fill(reader: _Reader, key: str, target: Any) -> None:
+    """Copy the saved values of `key` into `target` in place (this rank's shard of a DTensor, or
+    of a FlatShard: block by block, so a checkpoint of the same partitioning is read piece for piece)."""
+    if isinstance(target, FlatShard):
+        local, pos = target.local, 0
+        for offset, shape in flat_blocks(target.start, target.start + local.numel(), target.full_shape):
+            n = math.prod(shape)
+            reader.fill(key, local[pos : pos + n].view(shape), offset)
+            pos += n
+        return
     if not isinstance(target, dtensor_type()):
         reader.fill(key, target)
         return

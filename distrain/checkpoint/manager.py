@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from distrain.checkpoint import resume_check
-from distrain.checkpoint.find import choose, find_best, set_aside_future, warn_skips, with_skips
+from distrain.checkpoint.find import choose, find_best, find_best_in, set_aside_future, warn_skips, with_skips
 from distrain.checkpoint.format import CKPT_DIR, STATE, read_json, step_dirs
 from distrain.checkpoint.load import check_fits, load_verified
 from distrain.checkpoint.save import CheckpointWriter
@@ -52,7 +52,9 @@ class Resumed:
 
     path: Path  # the checkpoint resumed from
     notes: list[resume_check.Decision]  # each setting that differs from the checkpoint's, and its verdict
-    best_weights: dict[str, torch.Tensor] | None  # this rank's part of the lineage's best weights, if restorable
+    # This rank's part of the lineage's best weights, kept in memory only without ckpt.save_best (or when no
+    # best/ holds them); with it, load_best reads them from best/ at the end.
+    best_weights: dict[str, torch.Tensor] | None
 
 
 @dataclass
@@ -74,6 +76,7 @@ class CheckpointManager:
         self.trainer = trainer
         self.writer = CheckpointWriter()
         self.last_saved_step = -1  # the step of the step_* checkpoint saved or resumed from last (-1: none)
+        self.resumed_from: Path | None = None  # the checkpoint resumed from: its folder may hold the lineage's best/
 
     def save(self, name: str) -> Path:
         """Save the trainer's full state as checkpoint `name` (step_<N> or best)."""
@@ -101,6 +104,24 @@ class CheckpointManager:
         """flush, then end the writer threads (a later save starts new ones)."""
         self.writer.close()
 
+    def load_best(self, best_step: int) -> bool:
+        """Load the best weights (step `best_step`, model only) into the live model from a best/ checkpoint
+        on disk, this run's or the resumed lineage's, each rank reading only its own part; False (nothing
+        changed) if none of that step verifies. All ranks call it."""
+        t = self.trainer
+        roots = [t.run_dir / CKPT_DIR]
+        if self.resumed_from is not None and self.resumed_from.parent.resolve() != roots[0].resolve():
+            roots.append(self.resumed_from.parent)
+        for root in roots:
+            found = find_best_in(root, best_step, t.rank, t.world_size)
+            if found is None:
+                continue
+            model_state, _ = t.backend.checkpoint_state(t.model, t.optimizer)
+            values, _ = load_verified(found[0], model_state, None, found[1], t.rank, t.world_size, verified=True)
+            t.backend.load_checkpoint_state(t.model, t.optimizer, values, None)
+            return True
+        return False
+
     def resume(self) -> Resumed | None:
         """Restore the trainer from `resume=auto|<path>`: weights, optimizer, then its state_dict
         (schedule, scaler, position); None for resume=auto with no checkpoint.
@@ -127,8 +148,12 @@ class CheckpointManager:
         t.backend.load_checkpoint_state(t.model, t.optimizer, chosen.model_values, chosen.optim_values)
         best_weights = chosen.best_weights
         train_state = chosen.state["train_state"]
-        if train_state.get("best_step") == train_state.get("step"):
+        best_step = train_state.get("best_step", -1)
+        if best_step == train_state.get("step") and best_step != -1 and (
+            not t.cfg.ckpt.save_best or find_best_in(chosen.path.parent, best_step, t.rank, t.world_size) is None
+        ):  # the best weights are the ones just loaded, and no best/ holds them
             best_weights = t.backend.local_state_dict(t.model)
+        self.resumed_from = chosen.path
         t.load_state_dict(chosen.state)
         self.last_saved_step = int(train_state.get("step", 0)) if chosen.path.name.startswith("step_") else -1
         # Last, once nothing can refuse the resume any more: a rewind continues this lineage.
@@ -164,8 +189,10 @@ class CheckpointManager:
                 raise CheckpointError(f"{e}{'; changed: ' + ', '.join(changed) if changed else ''}") from None
             # Refused settings (another optimizer, seed, batch) by name, before loading fails on what they changed.
             notes = resume_check.check(cfg, path, state, t.plan, t.lr)
-            best = find_best(path, state, t.rank, t.world_size)
-            if best is not None:  # rebuild the in-memory best snapshot the interrupted run had
+            # Without ckpt.save_best the best weights are kept in memory: rebuild the interrupted run's copy
+            # (with it, load_best reads best/ at the end).
+            best = None if cfg.ckpt.save_best else find_best(path, state, t.rank, t.world_size)
+            if best is not None:
                 best_path, best_index = best
                 try:
                     best_values, _ = load_verified(best_path, model_state, None, best_index, t.rank, t.world_size,

@@ -38,7 +38,7 @@ from distrain.checkpoint.format import (
     step_dirs,
 )
 from distrain.checkpoint.integrity import verify
-from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, layout, rank_tensors
+from distrain.checkpoint.layout import flatten_optim, layout, placement, rank_tensors
 from distrain.checkpoint.shard_file import write_shard
 from distrain.checkpoint.weights import fsync_path, write_synced
 from distrain.errors import CheckpointError
@@ -209,8 +209,7 @@ class CheckpointWriter:
         between the saves of a run, and checking that signature is much cheaper than building and
         encoding the map on rank 0's critical path.
         """
-        dt = dtensor_type()
-        signature = (world, *((k, v.shape, v.dtype, geometry(v) if isinstance(v, dt) else None)
+        signature = (world, *((k, v.shape, v.dtype, placement(v))
                               for part in (model_state, optim_tensors) for k, v in part.items()))  # fmt: skip
         if self._layout is None or self._layout[0] != signature:
             tensors = {**{f"model.{k}": v for k, v in layout(model_state, world, shard_name).items()},

@@ -42,6 +42,8 @@ class SingleBackend(Backend):
         return getattr(model, "_orig_mod", model)  # a torch.compile wrapper
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if self.accelerator.process_index != 0:  # only rank 0 writes them: no host copy on the others
+            return {}
         state = self.unwrap(model).state_dict()  # replicated weights: the local copy is the full one
         return {k: v.detach().to("cpu") for k, v in state.items()}
 

@@ -44,6 +44,7 @@ class DeepSpeedBackend(Backend):
         self.offload_param = str(zero.get("offload_param", {}).get("device", "none")).lower()
         self.engine: Any = None  # the DeepSpeedEngine, for checkpointing
         self.gate: UpdateGate | None = None
+        self._spans: tuple[tuple[int, ...], dict[int, tuple[tuple[int, int, int], ...]]] | None = None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         if self.offload_optimizer in ("cpu", "nvme"):
@@ -107,39 +108,39 @@ class DeepSpeedBackend(Backend):
         return getattr(model, "module", model)
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """fp32 master weights, gathered from the ZeRO partitions (every rank must call it)."""
+        """fp32 master weights gathered from the ZeRO partitions tensor by tensor onto rank 0 (every rank
+        must call it; the others get {} and hold one gathered tensor at a time)."""
+        import torch.distributed as dist
         from deepspeed.utils import safe_get_full_fp32_param
 
+        keep = not dist.is_initialized() or dist.get_rank() == 0
         out = {}
         for name, t in self.unwrap(model).state_dict(keep_vars=True).items():
             full = safe_get_full_fp32_param(t) if isinstance(t, torch.nn.Parameter) else None
-            out[name] = (full if full is not None else t).detach().to("cpu", copy=True)
+            if keep:
+                out[name] = (full if full is not None else t).detach().to("cpu", copy=True)
+            del full  # before the next tensor is gathered
         return out
 
     def local_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return self.full_state_dict(model)  # fp32 copies; ZeRO partitions have no public per-rank view
+        """Copies of this rank's fp32 master partitions (flat) and the buffers: its share of the model."""
+        from distrain.checkpoint.layout import FlatShard
+
+        parts = self._model_parts(self.unwrap(model))
+        return {k: (v.local if isinstance(v, FlatShard) else v).detach().clone() for k, v in parts.items()}
 
     def load_local_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        from deepspeed.runtime.zero import GatheredParameters
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+        from distrain.checkpoint.layout import FlatShard
 
-        for name, t in self.unwrap(model).state_dict(keep_vars=True).items():
-            value = state[name].to(self.accelerator.device)
-            if not isinstance(t, torch.nn.Parameter):
-                t.data.copy_(value)
-                continue
-            # the fp32 master copy the optimizer steps (ZeRO-3's full setter mis-slices uneven partitions)
-            if self.stage == 3:
-                safe_set_local_fp32_param(t, zero3_partition(t, value))
-            else:
-                safe_set_full_fp32_param(t, value)
-            # and the weights the forward uses, which DeepSpeed keeps apart (partitioned under ZeRO-3)
-            gather = GatheredParameters([t], modifier_rank=0) if self.stage == 3 else contextlib.nullcontext()
-            with gather, torch.no_grad():
-                t.data.copy_(value.to(t.dtype))
+        module = self.unwrap(model)
+        with torch.no_grad():
+            for name, live in self._model_parts(module).items():
+                (live.local if isinstance(live, FlatShard) else live).copy_(state[name])
+        self._refresh_working_weights(module)
 
-    # -- checkpoints: full fp32 weights and Adam moments gathered from the ZeRO partitions, in the
-    # same layout DCP gives for a plain model, so ZeRO checkpoints load under any backend and back.
+    # -- checkpoints: each rank saves and loads only its own partition of the fp32 master weights and
+    # the optimizer state (FlatShards, views of the live partitions); the index maps every rank's part
+    # onto the full tensors, so ZeRO checkpoints load under any backend and world size, and back.
     def _named_groups(self, module: torch.nn.Module) -> list[list[str]]:
         names = {id(p): n for n, p in module.named_parameters()}
         zero = self.engine.optimizer
@@ -178,38 +179,108 @@ class DeepSpeedBackend(Backend):
             self.engine.optimizer._lazy_init_hp_params_optimizer_state()
         return base
 
-    def _set_full(self, p: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
-        """Set a parameter's fp32 master copy (key None) or its optimizer state `key` from the full value,
-        and the working (low-precision) copy too, which DeepSpeed's safe_set_* leave stale."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def _partitioned(self, p: torch.Tensor) -> bool:
+        """Whether ZeRO keeps an fp32 partition of p (ZeRO-1/2 leave parameters without a gradient whole)."""
+        return (getattr(p, "requires_grad", False) and hasattr(p, "ds_tensor")) if self.stage == 3 else (
+            hasattr(p, "_hp_mapping"))  # fmt: skip
 
+    def _flat_part(self, p: torch.nn.Parameter, key: str | None = None) -> tuple[torch.Tensor, int]:
+        """This rank's part of p's fp32 master weights (key None) or optimizer state `key`: a flat view of
+        the live partition without padding, and where it starts in p flattened."""
         zero = self.engine.optimizer
-        if self.stage == 3:  # safe_set_* fail on the padded last partition; write this rank's slice directly
-            part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        if self.stage == 3:  # rank r holds elements [r n, (r + 1) n) of p flattened and padded to a multiple of n
+            if not self._partitioned(p):  # no fp32 copy: the working partition itself
+                part = p.ds_tensor.data.view(-1)  # type: ignore[attr-defined]
+            else:
+                part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+                part = part.view(-1)
             n = part.numel()
-            piece = value.flatten()[n * zero._get_param_partition_rank(p) :][:n]
-            with torch.no_grad():  # in-place writes into leaf partitions
-                part.view(-1)[: piece.numel()].copy_(piece)
-                if key is None:
-                    p.ds_tensor.data.view(-1)[: piece.numel()].copy_(piece)
-        elif key is None:
-            safe_set_full_fp32_param(p, value)
-            p.data.copy_(value.view_as(p))
-        else:
-            safe_set_full_optimizer_state(p, value, key)
+            start = n * zero._get_param_partition_rank(p)
+            return part[: max(0, min(n, p.ds_numel - start))], min(start, p.ds_numel)  # type: ignore[attr-defined]
+        mapping = p._hp_mapping  # type: ignore[attr-defined]  # DeepSpeed's link of p to its fp32 fragment
+        if mapping is None:  # none of p lies in this rank's partition
+            return torch.empty(0, dtype=torch.float32, device=self.accelerator.device), 0
+        return mapping.get_hp_fragment(key).view(-1), int(mapping.lp_fragment_address.start)
+
+    def _param_spans(self, params: list[torch.nn.Parameter]) -> dict[int, tuple[tuple[int, int, int], ...]]:
+        """id(p) -> (rank, start, numel) of every rank's part of p, for the partitioned parameters: one
+        all-gather of every rank's starts and sizes, once (ZeRO's partitioning is fixed at prepare)."""
+        import torch.distributed as dist
+
+        from distrain.checkpoint.collective import collective_device
+
+        params = [p for p in params if self._partitioned(p)]
+        key = tuple(id(p) for p in params)
+        if self._spans is not None and self._spans[0] == key:
+            return self._spans[1]
+        words = [0]  # never empty: gloo gathers no empty tensors
+        for p in params:
+            local, start = self._flat_part(p)
+            words += [start, local.numel()]
+        mine = torch.tensor(words, dtype=torch.int64)
+        rows = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            mine = mine.to(collective_device())
+            rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(rows, mine)
+        table = [row.tolist() for row in rows]
+        spans = {id(p): tuple((r, row[1 + 2 * i], row[2 + 2 * i]) for r, row in enumerate(table) if row[2 + 2 * i])
+                 for i, p in enumerate(params)}  # fmt: skip
+        self._spans = (key, spans)
+        return spans
+
+    def _model_parts(self, module: torch.nn.Module) -> dict[str, Any]:
+        """The model state as this rank holds it for checkpoints: a FlatShard of the fp32 master weights
+        per partitioned parameter, the live tensor for anything else (buffers, whole parameters)."""
+        from distrain.checkpoint.layout import FlatShard
+
+        state = module.state_dict(keep_vars=True)
+        spans = self._param_spans(list(dict(module.named_parameters()).values()))
+        out: dict[str, Any] = {}
+        for name, t in state.items():
+            if id(t) in spans:
+                local, start = self._flat_part(t)
+                out[name] = FlatShard(local, tuple(getattr(t, "ds_shape", t.shape)), start, spans[id(t)])
+            else:
+                out[name] = t
+        return out
+
+    def _refresh_working_weights(self, module: torch.nn.Module) -> None:
+        """After the fp32 master partitions changed: the weights the forward uses from them (ZeRO-1/2:
+        every rank's partition all-gathered into the whole working copy; ZeRO-3: this rank's partition)."""
+        zero = self.engine.optimizer
+        if self.stage != 3:
+            zero.update_lp_params()
+            return
+        # As DeepSpeed's own checkpoint loading does: release every gathered parameter first (the
+        # persistent ones stay gathered after a forward and would keep their old values), write the
+        # partitions, then gather the persistent ones again from them.
+        zero.checkpoint_event_prologue()
+        with torch.no_grad():
+            for p in dict(module.named_parameters()).values():
+                if self._partitioned(p):
+                    local, _ = self._flat_part(p)
+                    p.ds_tensor.data.view(-1)[: local.numel()].copy_(local)  # type: ignore[attr-defined]
+        zero.checkpoint_event_epilogue()
 
     def checkpoint_state(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from distrain.checkpoint.layout import FlatShard
 
         module = self.unwrap(model)
-        model_state = self.full_state_dict(model)
         base = self._linked_optimizer_state()
+        model_state = self._model_parts(module)
+        spans = self._param_spans(list(dict(module.named_parameters()).values()))
         steps = [float(s["step"]) for s in base.state.values() if "step" in s]
         keys = sorted({k for s in base.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)})
-        state: dict[str, dict[str, torch.Tensor]] = {}
+        state: dict[str, dict[str, Any]] = {}
         for name, p in module.named_parameters():
-            entries = {k: v.detach().to("cpu", copy=True) for k in keys
-                       if (v := safe_get_full_optimizer_state(p, k)) is not None}  # fmt: skip
+            if id(p) not in spans:  # not partitioned: no optimizer state (it gets no gradient)
+                continue
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            entries: dict[str, Any] = {}
+            for k in keys:
+                local, start = self._flat_part(p, k)
+                entries[k] = FlatShard(local, shape, start, spans[id(p)])
             if entries and steps:
                 entries["step"] = torch.tensor(max(steps))
             if entries:
@@ -221,19 +292,20 @@ class DeepSpeedBackend(Backend):
 
     def load_checkpoint_state(self, model: torch.nn.Module, optimizer: Any, model_state: dict[str, Any],
                               optim_state: dict[str, Any] | None) -> None:  # fmt: skip
+        """Values laid out like checkpoint_state's (loading fills its FlatShards in place: nothing to copy
+        then) into the fp32 partitions and optimizer state; then the working weights from them."""
         module = self.unwrap(model)
-        self._linked_optimizer_state()
-        params = dict(module.named_parameters())
-        for name, t in module.state_dict(keep_vars=True).items():
-            if name not in params:
-                t.data.copy_(model_state[name])
-        for name, p in params.items():
-            self._set_full(p, model_state[name].to(self.accelerator.device))
-            if optim_state is None:
-                continue
-            for key, value in optim_state["state"].get(name, {}).items():
-                if key != "step":
-                    self._set_full(p, value.to(self.accelerator.device), key)
+        live_model, live_optim = self.checkpoint_state(model, optimizer)
+        with torch.no_grad():
+            for name, live in live_model.items():
+                _set_part(live, model_state[name])
+            if optim_state is not None:
+                for name, entries in live_optim["state"].items():
+                    saved = optim_state["state"].get(name, {})
+                    for key, live in entries.items():
+                        if key != "step" and key in saved:
+                            _set_part(live, saved[key])
+        self._refresh_working_weights(module)
         if optim_state is None:
             return
         steps = [float(e["step"]) for e in optim_state["state"].values() if "step" in e]
@@ -326,14 +398,17 @@ class UpdateGate:
         return bool(ok)
 
 
-def zero3_partition(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full tensor, laid out as ZeRO-3 partitions `param` (padded at the end)."""
-    import torch.distributed as dist
+def _set_part(live: Any, value: Any) -> None:
+    """Copy a saved value into a live checkpoint_state entry: a FlatShard (from a FlatShard, or its run
+    of a full tensor) or a plain tensor; nothing when the value is the live tensor itself."""
+    from distrain.checkpoint.layout import FlatShard
 
-    size = param.ds_tensor.numel()  # type: ignore[attr-defined]
-    flat = full.flatten()
-    flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size() - flat.numel())])
-    return flat.narrow(0, size * dist.get_rank(), size)
+    if isinstance(live, FlatShard):
+        src = value.local if isinstance(value, FlatShard) else value.flatten()[live.start :][: live.local.numel()]
+        if src.data_ptr() != live.local.data_ptr() or src.numel() != live.local.numel():
+            live.local.copy_(src)
+    elif value is not live:
+        live.copy_(value)
 
 
 def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, source: str | None = None,

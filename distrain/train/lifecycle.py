@@ -86,6 +86,7 @@ def finish(trainer: Any, exit_code: int, wall: float) -> dict[str, Any]:
     meta = t.recipe.weights_metadata()  # load_model(run dir) needs no data
     if t.rank == 0:
         save_weights(final, t.run_dir / "model.safetensors", metadata={"step": str(s.step), **meta})
+    del final  # rank 0 holds the consolidated model once, not beside the best one
     if t.cfg.log.save_rank_weights:
         local = t.backend.local_state_dict(t.model)
         save_weights({k: _local(v) for k, v in local.items()}, t.run_dir / f"rank_{t.rank}.safetensors")
@@ -95,8 +96,7 @@ def finish(trainer: Any, exit_code: int, wall: float) -> dict[str, Any]:
         t.release_run_dir()
         return {"exit_code": exit_code, "step": s.step}
     test_metrics: dict[str, Any] = {}
-    if t.best_weights is not None and s.best_step != s.step:
-        t.backend.load_local_state_dict(t.model, t.best_weights)
+    if s.best_step not in (-1, s.step) and t.restore_best():
         best = t.backend.full_state_dict(t.model)
         if t.rank == 0:
             save_weights(best, t.run_dir / "best_model.safetensors", metadata={"step": str(s.best_step), **meta})

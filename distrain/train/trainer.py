@@ -129,6 +129,7 @@ class Trainer:
         self.flops_per_sample: float | None = None if count else 0.0  # None: count on the first step
         self.peak_flops = peak_flops(self.device, cfg.precision)
         self.state = TrainState()
+        # This rank's share of the best weights, kept only without ckpt.save_best (else best/ holds them).
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.interrupt = InterruptFlag()
         self.on_eval: list[Any] = []  # callables (step, val_metrics) run after every evaluation
@@ -235,6 +236,14 @@ class Trainer:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+
+    def restore_best(self) -> bool:
+        """Put the best weights back into the live model: from this rank's copy, or from the best/
+        checkpoint on disk (ckpt.save_best), each rank reading its own part. False if neither holds them."""
+        if self.best_weights is not None:
+            self.backend.load_local_state_dict(self.model, self.best_weights)
+            return True
+        return self.checkpoints.load_best(self.state.best_step)
 
     def _save_step(self) -> None:
         """Checkpoint the current step unless it is already saved (every_steps and epoch end can coincide)."""
@@ -372,9 +381,11 @@ class Trainer:
                         s.step, t.metric, value)  # fmt: skip
         if improved:
             s.best_metric, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch, 0
-            self.best_weights = self.backend.local_state_dict(self.model)
-            if self.cfg.ckpt.save_best:
+            if self.cfg.ckpt.save_best:  # best/ holds them: restore_best reads them back, no copy in memory
+                self.best_weights = None
                 self._save("best")
+            else:  # this rank's share (a shard under FSDP2 and ZeRO; the whole model under single and DDP)
+                self.best_weights = self.backend.local_state_dict(self.model)
         else:
             s.bad_evals += 1
             if t.patience and s.bad_evals >= t.patience:
