@@ -213,10 +213,11 @@ def check_fits(model: torch.nn.Module, cfg: Any, plan: Any, world_size: int, dev
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             need, have = float(both[0]), -float(both[1])
     if have < need:
-        source = room.source if room is not None and room.available == have else "another process's limit"
+        source = room.source if room is not None else "another process's limit"  # the ranks' limits are alike
+        who = "the tightest process has" if world_size > 1 else "the process has"
         raise MemoryBudgetError(
             f"out of memory (estimated before training): {est.backend} keeps {need / GIB:.2f} GiB of training state "
-            f"per process ({est.params:,} parameters x {est.per_param:.1f} B: {est.parts}) but a process has "
+            f"per process ({est.params:,} parameters x {est.per_param:.1f} B: {est.parts}) but {who} "
             f"{max(have, 0) / GIB:.2f} GiB for it ({source}); {suggestion(est, device)}"
         )
     return est
