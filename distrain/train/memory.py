@@ -87,8 +87,9 @@ def estimate(params: int, trainable: int, plan: Any, world_size: int, optim: Any
         total = params * w + trainable * g + math.ceil(trainable / n) * (4 + m)
         parts = f"weights {w} + grads {g} + (fp32 master 4 + {optim.name} state {m}) / {n}"
     else:  # single, ddp, zero0: a full replica on every process
-        total = params * w + trainable * (g + m)
-        parts = f"weights {w} + grads {g} + {optim.name} state {m}, a full replica per process"
+        total = params * w + trainable * (g + m + (4 if low else 0))
+        master = " + fp32 master 4" if low else ""
+        parts = f"weights {w} + grads {g} + {optim.name} state {m}{master}, a full replica per process"
     return StateEstimate(backend, n, params, total, parts)
 
 
