@@ -106,6 +106,20 @@ def _refuse(e: DistrainError) -> int:
     return report(e) if _rank() == 0 else e.exit_code
 
 
+def _fail_alone(e: Exception) -> int:
+    """An out-of-memory error, maybe on this rank only: its one line, then leave without the barrier
+    (the launcher stops the other ranks); any other exception keeps its traceback."""
+    from distrain.parallel.launch import exit_alone
+    from distrain.train.memory import out_of_memory
+
+    oom = out_of_memory(e, _rank())
+    if oom is None:
+        raise e
+    write_launch_status(report(oom))
+    exit_alone(oom.exit_code)
+    return oom.exit_code
+
+
 def _run(argv: list[str]) -> int:
     from distrain.config import describe
     from distrain.recipe import available_recipes, resolve_config
@@ -132,6 +146,8 @@ def _run(argv: list[str]) -> int:
         trainer = Trainer(cfg, recipe)
     except (ConfigError, LaunchError) as e:
         return _refuse(e)
+    except Exception as e:  # a real out-of-memory error is one line naming the estimate; anything else a bug
+        return _fail_alone(e)
     try:
         summary = trainer.train()
     except TrainingError as e:
@@ -142,6 +158,8 @@ def _run(argv: list[str]) -> int:
         write_launch_status(report(e))
         exit_alone(e.exit_code)
         return e.exit_code
+    except Exception as e:
+        return _fail_alone(e)
     return int(summary.get("exit_code", 0))
 
 

@@ -31,6 +31,15 @@ class RunDirBusy(ConfigError):
     """Another live process holds the run dir's lock."""
 
 
+class MemoryBudgetError(ConfigError):
+    """The chosen backend's training state cannot fit the memory a process may use (exit code 2).
+
+    Found before the optimizer exists and before anything is written, on every rank at once: like a
+    batch larger than the data, the run as configured cannot work here, and the fix is a setting
+    (a sharding backend, more processes), so it is bad input rather than a failed training.
+    """
+
+
 class LaunchError(DistrainError, RuntimeError):
     """The processes that are running are not the ones the launcher was asked for (exit code 3)."""
 
@@ -41,6 +50,11 @@ class TrainingError(DistrainError, RuntimeError):
     """Training cannot go on, e.g. too many consecutive non-finite losses (exit code 1)."""
 
     exit_code = 1
+
+
+class OutOfMemory(TrainingError):
+    """A real out-of-memory error while building or training (exit code 1: the run started and failed),
+    maybe on one rank only."""
 
 
 class Interrupted(DistrainError):

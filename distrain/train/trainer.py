@@ -37,7 +37,7 @@ from distrain.parallel.base import Backend, count_params
 from distrain.parallel.launch import build_accelerator, configure_torch, resolve_plan
 from distrain.parallel.select import select_backend
 from distrain.recipe import INFO_KEY, BoundRecipe, Recipe, StepOutput
-from distrain.train import lifecycle, preflight
+from distrain.train import lifecycle, memory, preflight
 from distrain.train.data import (
     BatchPlan,
     EpochBatches,
@@ -108,6 +108,7 @@ class Trainer:
                                                plan=self.parallel, micro_batch=self.plan.micro_batch,
                                                grad_accum=self.plan.grad_accum)  # fmt: skip
         model = self.backend.shard(model)
+        memory.check_fits(model, cfg, self.parallel, self.world_size, self.device)  # before the optimizer exists
         self.lr = effective_lr(cfg.optim, self.plan.global_batch)
         optimizer = build_optimizer(model, cfg.optim, self.lr)
         self.model, self.optimizer = self.backend.prepare(model, optimizer)
