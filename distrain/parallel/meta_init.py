@@ -1,0 +1,263 @@
+"""Sharded construction: the model is built on the meta device, then each rank materialises only its shards.
+
+`build_model` runs the recipe's build_model under `torch.device("meta")` while a dispatch mode records
+every tensor operation the constructor performs (allocations, `reset_parameters`' random draws, a
+`deepcopy` of a layer, a copy from pretrained weights...), keyed by the storage each operation reads
+and writes. No memory is allocated for the model. After the backend has sharded the meta model
+(FSDP2's fully_shard), `Deferred.materialise` allocates this rank's shards (`to_empty`) and replays
+the record on CPU in its order from the random state the eager build would have started from: the
+same operations on the same random stream give bitwise the eager build's values. Each storage is
+freed after its last use in the record; a parameter's or buffer's is first copied, only this rank's
+slice, into the live tensor. Peak memory is the record's largest set of storages alive together
+(typically one module's), not the model.
+
+A constructor the record cannot replay exactly falls back to the eager build, with the reason in the
+plan: random numbers drawn on a real device during construction (their order against the replayed
+draws would change), a tensor the record never saw created, a meta tensor kept outside the module's
+parameters and buffers, or an operation that fails on meta (one that reads values, e.g. `.item()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from distrain.errors import DistrainError, LaunchError
+
+META = torch.device("meta")
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """A tensor of the record: which storage, and how it views it."""
+
+    key: int  # the meta storage's address, unique while the record keeps one tensor of it alive
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    func: Any  # the aten OpOverload
+    inputs: list[Any]  # flattened (args, kwargs): _View, real tensors (constants) or plain values
+    spec: Any  # tree_unflatten's spec of the inputs
+    outputs: list[Any]  # flattened results: _View or other values
+
+
+class _Recorder(TorchDispatchMode):
+    """Runs each operation on meta and writes it down, with its tensors as storage views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[_Op] = []
+        self.alive: dict[int, torch.Tensor] = {}  # one meta tensor per storage: addresses are not reused
+        self.problem: str | None = None
+
+    def view(self, t: torch.Tensor, created: bool) -> _View:
+        key = t.untyped_storage()._cdata
+        if key not in self.alive:
+            if not created and self.problem is None:
+                self.problem = f"a meta tensor of shape {list(t.shape)} was not created under the record"
+            self.alive[key] = t
+        return _View(key, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        run = kwargs
+        if not any(isinstance(x, torch.Tensor) for x in flat) and _makes_cpu_tensor(func, kwargs):
+            run = {**kwargs, "device": META}  # an allocation on CPU, where the eager build makes it, made on meta
+        out = func(*args, **run)
+        flat_out, _ = tree_flatten(out)
+        tensors = [x for x in (*flat, *flat_out) if isinstance(x, torch.Tensor)]
+        if not any(t.is_meta for t in tensors):
+            # A real operation (a constant, reading pretrained weights): it ran; random draws on a real
+            # device would be out of order against the replayed ones.
+            if torch.Tag.nondeterministic_seeded in func.tags and self.problem is None:
+                self.problem = f"{func.__name__} drew random numbers on a real device during construction"
+            return out
+        inputs = [self.view(x, created=False) if isinstance(x, torch.Tensor) and x.is_meta else x for x in flat]
+        outputs = [self.view(x, created=True) if isinstance(x, torch.Tensor) and x.is_meta else None
+                   for x in flat_out]  # fmt: skip
+        self.ops.append(_Op(func, inputs, spec, outputs))
+        return out
+
+
+def _makes_cpu_tensor(func: Any, kwargs: dict[str, Any]) -> bool:
+    """A factory operation (one with a device argument) asked for the default device or the CPU."""
+    if not any(a.name == "device" for a in func._schema.arguments):
+        return False
+    device = kwargs.get("device")
+    return device is None or torch.device(device).type == "cpu"
+
+
+def _unregistered_meta(model: torch.nn.Module) -> str | None:
+    """A meta tensor a module holds outside its parameters and buffers: to_empty would leave it on meta."""
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                return f"{name or type(module).__name__}.{attr} is a tensor that is neither a parameter nor a buffer"
+    return None
+
+
+@dataclasses.dataclass
+class Construction:
+    """What build_model gave: the model, on meta when `deferred` is set, and why not where it was asked."""
+
+    model: torch.nn.Module
+    deferred: Deferred | None
+    fallback: str  # the reason for an eager build where meta construction was asked; "" otherwise
+
+    def note(self) -> str:
+        """The plan line: how the model was built ("" where meta construction was not asked for)."""
+        if self.deferred is not None:
+            return self.deferred.describe()
+        return f"eager (every rank builds the whole model): {self.fallback}" if self.fallback else ""
+
+
+class Deferred:
+    """The record of a meta construction, replayed once by `materialise`."""
+
+    def __init__(self, recorder: _Recorder, model: torch.nn.Module, cpu_rng: torch.Tensor):
+        self.ops = recorder.ops
+        self.keep = recorder.alive
+        self.cpu_rng = cpu_rng
+        self.finals: dict[str, _View] = {}  # parameter or buffer name -> the storage view it ends as
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            self.finals[name] = recorder.view(t, created=False)
+        self.peak_bytes = 0  # the most bytes of replayed storages alive at once, known after materialise
+        self.total_bytes = sum(math.prod(v.size) * v.dtype.itemsize for v in self.finals.values())
+
+    def materialise(self, model: torch.nn.Module, device: torch.device,
+                    param_device: torch.device | None = None) -> None:  # fmt: skip
+        """Allocate `model`'s tensors (this rank's shards of sharded parameters) on `device` (parameters on
+        `param_device` when given: FSDP2's CPU offload) and fill them with the eager build's values."""
+        param_device = param_device or device
+        model.to_empty(device=param_device)
+        targets = dict(model.named_parameters(remove_duplicate=False))
+        targets.update(model.named_buffers(remove_duplicate=False))
+        missing = sorted(set(self.finals) - set(targets))
+        if missing:
+            raise LaunchError(f"meta construction: the sharded model lacks {missing[0]}, which the record built")
+        by_key: dict[int, list[str]] = {}
+        for name, v in self.finals.items():
+            by_key.setdefault(v.key, []).append(name)
+        last: dict[int, int] = {}
+        for i, op in enumerate(self.ops):
+            for x in (*op.inputs, *op.outputs):
+                if isinstance(x, _View):
+                    last[x.key] = i
+        ending: dict[int, list[int]] = {}
+        for key, i in last.items():
+            ending.setdefault(i, []).append(key)
+        never = [name for key, names in by_key.items() if key not in last for name in names]
+        if never:
+            raise LaunchError(f"meta construction: no recorded operation created {never[0]}")
+
+        state = torch.get_rng_state()
+        torch.set_rng_state(self.cpu_rng)  # the eager build's starting point; its end state is left behind
+        real: dict[int, torch.UntypedStorage] = {}
+        live = 0
+        try:
+            with torch.no_grad():
+                for i, op in enumerate(self.ops):
+                    args, kwargs = tree_unflatten([_real(x, real) for x in op.inputs], op.spec)
+                    out = op.func(*args, **kwargs)
+                    for view, got in zip(op.outputs, tree_flatten(out)[0], strict=True):
+                        if view is not None and view.key not in real:
+                            real[view.key] = got.untyped_storage()
+                            live += real[view.key].nbytes()
+                    self.peak_bytes = max(self.peak_bytes, live)
+                    for key in ending.get(i, ()):
+                        storage = real.pop(key, None)
+                        if storage is None:
+                            continue
+                        for name in by_key.get(key, ()):
+                            _fill(targets[name], _real(self.finals[name], {key: storage}), name)
+                        live -= storage.nbytes()
+        except Exception:
+            torch.set_rng_state(state)
+            raise
+        self.ops, self.keep = [], {}  # the record's constants (pretrained weights) are freed with it
+        if param_device != device:  # buffers live where the computation runs, as with an eager build
+            for name, buffer in list(model.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, buffer.to(device))
+
+    def describe(self) -> str:
+        full = self.total_bytes / 2**20
+        peak = f", at most {self.peak_bytes / 2**20:.1f} MB of it materialised at once" if self.peak_bytes else ""
+        return f"meta: each rank materialised only its shards of the {full:.1f} MB model{peak}"
+
+
+def _real(x: Any, real: dict[int, torch.UntypedStorage]) -> Any:
+    """A recorded input as a real CPU value: a view of its replayed storage, a device on CPU."""
+    if isinstance(x, _View):
+        return torch.empty(0, dtype=x.dtype).set_(real[x.key], x.offset, x.size, x.stride)
+    if isinstance(x, torch.device) and x.type == "meta":
+        return torch.device("cpu")
+    return x
+
+
+def _fill(target: torch.Tensor, full: torch.Tensor, name: str) -> None:
+    """Copy this rank's part of `full` into `target` (a DTensor shard, or a whole tensor)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if isinstance(target, DTensor):
+        mesh, local = target.device_mesh, full
+        coordinate = mesh.get_coordinate()
+        if coordinate is None:
+            raise LaunchError(f"meta construction: this rank is not in the mesh of {name}")
+        for dim, placement in enumerate(target.placements):
+            if isinstance(placement, Shard):  # torch.chunk's split, as DTensor and FSDP2 shard (empty at the end)
+                chunks = torch.chunk(local, mesh.size(dim), dim=placement.dim)
+                c = coordinate[dim]
+                local = chunks[c] if c < len(chunks) else local.narrow(placement.dim, 0, 0)
+            elif not isinstance(placement, Replicate):
+                raise LaunchError(f"meta construction: {name} is placed as {placement}, which it cannot fill")
+        dest = target.to_local()
+    else:
+        local, dest = full, target
+    if dest.shape != local.shape:
+        raise LaunchError(f"meta construction: {name}'s local part is {list(dest.shape)}, the record gives "
+                          f"{list(local.shape)}")  # fmt: skip
+    with torch.no_grad():
+        dest.copy_(local)
+
+
+def build_model(build: Callable[[], torch.nn.Module], on_meta: bool) -> Construction:
+    """build() eagerly, or on meta with a record to materialise it from (`on_meta`), falling back to the
+    eager build, with the reason in the note, where the record could not replay the constructor exactly."""
+    if not on_meta:
+        return Construction(build(), None, "")
+    cpu_rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    recorder = _Recorder()
+    try:
+        with recorder:  # no torch.device("meta") context: a constructor that asks for the device sees the CPU
+            model = build()
+        problem = recorder.problem or _unregistered_meta(model)
+        if problem is None and not all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            problem = "build_model returned tensors that are not on the meta device"
+        if problem is None and any(isinstance(x, torch.Generator) for op in recorder.ops for x in op.inputs):
+            problem = "build_model draws from its own torch.Generator"  # its state at replay is not the build's
+    except DistrainError:
+        raise  # the recipe's own error (a model.* setting that does not fit): the eager build says the same
+    except Exception as e:  # an operation meta cannot run (one that reads values): build eagerly
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        problem = f"build_model fails on the meta device ({type(e).__name__}{': ' + message if message else ''})"
+    if problem is not None:
+        torch.set_rng_state(cpu_rng)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+        return Construction(build(), None, problem)
+    return Construction(model, Deferred(recorder, model, cpu_rng), "")
