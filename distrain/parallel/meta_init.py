@@ -44,6 +44,18 @@ class _View:
     stride: tuple[int, ...]
     offset: int
     dtype: torch.dtype
+    nbytes: int  # the storage's size when the operation ran
+
+    def whole(self) -> bool:
+        """Whether the view covers its storage exactly, contiguously (an overwrite through it leaves nothing)."""
+        if self.offset or math.prod(self.size) * self.dtype.itemsize != self.nbytes:
+            return False
+        expected = 1
+        for size, stride in zip(reversed(self.size), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +81,7 @@ class _Recorder(TorchDispatchMode):
             if not created and self.problem is None:
                 self.problem = f"a meta tensor of shape {list(t.shape)} was not created under the record"
             self.alive[key] = t
-        return _View(key, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+        return _View(key, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.untyped_storage().nbytes())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -133,8 +145,12 @@ class Deferred:
         self.keep = recorder.alive
         self.cpu_rng = cpu_rng
         self.finals: dict[str, _View] = {}  # parameter or buffer name -> the storage view it ends as
+        self.constants: dict[str, torch.Tensor] = {}  # the parameters and buffers built on a real device
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            self.finals[name] = recorder.view(t, created=False)
+            if t.is_meta:
+                self.finals[name] = recorder.view(t, created=False)
+            else:  # made by real operations only (torch.tensor(2.0), from_numpy): the value is already there
+                self.constants[name] = t.detach()  # an alias: to_empty swaps the parameter's own storage
         self.peak_bytes = 0  # the most bytes of replayed storages alive at once, known after materialise
         self.total_bytes = sum(math.prod(v.size) * v.dtype.itemsize for v in self.finals.values())
 
@@ -146,20 +162,13 @@ class Deferred:
         model.to_empty(device=param_device)
         targets = dict(model.named_parameters(remove_duplicate=False))
         targets.update(model.named_buffers(remove_duplicate=False))
-        missing = sorted(set(self.finals) - set(targets))
+        missing = sorted({*self.finals, *self.constants} - set(targets))
         if missing:
             raise LaunchError(f"meta construction: the sharded model lacks {missing[0]}, which the record built")
         by_key: dict[int, list[str]] = {}
         for name, v in self.finals.items():
             by_key.setdefault(v.key, []).append(name)
-        last: dict[int, int] = {}
-        for i, op in enumerate(self.ops):
-            for x in (*op.inputs, *op.outputs):
-                if isinstance(x, _View):
-                    last[x.key] = i
-        ending: dict[int, list[int]] = {}
-        for key, i in last.items():
-            ending.setdefault(i, []).append(key)
+        ending, fresh, last = _schedule(self.ops)
         never = [name for key, names in by_key.items() if key not in last for name in names]
         if never:
             raise LaunchError(f"meta construction: no recorded operation created {never[0]}")
@@ -171,6 +180,9 @@ class Deferred:
         try:
             with torch.no_grad():
                 for i, op in enumerate(self.ops):
+                    for key, nbytes in fresh.get(i, ()):  # overwritten whole: a new storage, the old one is gone
+                        real[key] = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+                        live += nbytes
                     args, kwargs = tree_unflatten([_real(x, real) for x in op.inputs], op.spec)
                     out = op.func(*args, **kwargs)
                     for view, got in zip(op.outputs, tree_flatten(out)[0], strict=True):
@@ -182,13 +194,16 @@ class Deferred:
                         storage = real.pop(key, None)
                         if storage is None:
                             continue
-                        for name in by_key.get(key, ()):
-                            _fill(targets[name], _real(self.finals[name], {key: storage}), name)
+                        if last[key] == i:  # its final value: this rank's part goes into the model
+                            for name in by_key.get(key, ()):
+                                _fill(targets[name], _real(self.finals[name], {key: storage}), name)
                         live -= storage.nbytes()
+                for name, value in self.constants.items():
+                    _fill(targets[name], value, name)
         except Exception:
             torch.set_rng_state(state)
             raise
-        self.ops, self.keep = [], {}  # the record's constants (pretrained weights) are freed with it
+        self.ops, self.keep, self.constants = [], {}, {}  # the record's constants are freed with it
         if param_device != device:  # buffers live where the computation runs, as with an eager build
             for name, buffer in list(model.named_buffers()):
                 owner, _, leaf = name.rpartition(".")
@@ -198,6 +213,45 @@ class Deferred:
         full = self.total_bytes / 2**20
         peak = f", at most {self.peak_bytes / 2**20:.1f} MB of it materialised at once" if self.peak_bytes else ""
         return f"meta: each rank materialised only its shards of the {full:.1f} MB model{peak}"
+
+
+# In-place operations that write every element of their first argument without reading it.
+_OVERWRITES = {"uniform_", "normal_", "fill_", "zero_", "copy_", "bernoulli_", "random_", "exponential_",
+               "geometric_", "cauchy_", "log_normal_"}  # fmt: skip
+
+
+def _schedule(ops: list[_Op]) -> tuple[dict[int, list[int]], dict[int, list[tuple[int, int]]], dict[int, int]]:
+    """When each storage is freed and allocated again during the replay: (op index -> keys to free after it,
+    op index -> (key, bytes) to allocate before it, key -> its last op).
+
+    A storage lives from its creation to its last use, except where an operation overwrites it whole
+    (a module's own init, then a model-wide re-init; random init, then pretrained weights copied in):
+    the values before that are never read again, so the storage is freed after its last use before
+    the overwrite and allocated anew for it. The overwritten values are still computed (their random
+    draws keep the stream in step), into a storage that is freed right away.
+    """
+    refs: dict[int, list[int]] = {}
+    whole_writes: dict[int, set[int]] = {}
+    for i, op in enumerate(ops):
+        views = [x for x in (*op.inputs, *op.outputs) if isinstance(x, _View)]
+        for v in views:
+            if not refs.setdefault(v.key, []) or refs[v.key][-1] != i:
+                refs[v.key].append(i)
+        first = op.inputs[0] if op.inputs else None
+        name = op.func.overloadpacket.__name__
+        if name in _OVERWRITES and isinstance(first, _View) and first.whole():
+            if sum(isinstance(x, _View) and x.key == first.key for x in op.inputs) == 1:  # copy_(x, x) reads x
+                whole_writes.setdefault(i, set()).add(first.key)
+    ending: dict[int, list[int]] = {}
+    fresh: dict[int, list[tuple[int, int]]] = {}
+    for key, uses in refs.items():
+        for i, j in zip(uses, [*uses[1:], None]):
+            if j is None or key in whole_writes.get(j, ()):
+                ending.setdefault(i, []).append(key)
+            if j is not None and key in whole_writes.get(j, ()):
+                nbytes = next(x.nbytes for x in ops[j].inputs if isinstance(x, _View) and x.key == key)
+                fresh.setdefault(j, []).append((key, nbytes))
+    return ending, fresh, {key: uses[-1] for key, uses in refs.items()}
 
 
 def _real(x: Any, real: dict[int, torch.UntypedStorage]) -> Any:
@@ -246,8 +300,9 @@ def build_model(build: Callable[[], torch.nn.Module], on_meta: bool) -> Construc
         with recorder:  # no torch.device("meta") context: a constructor that asks for the device sees the CPU
             model = build()
         problem = recorder.problem or _unregistered_meta(model)
-        if problem is None and not all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            problem = "build_model returned tensors that are not on the meta device"
+        real = {t.device.type for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+        if problem is None and real - {"cpu"}:  # where the eager build would have put them too
+            problem = f"build_model put tensors on {', '.join(sorted(real - {'cpu'}))}"
         if problem is None and any(isinstance(x, torch.Generator) for op in recorder.ops for x in op.inputs):
             problem = "build_model draws from its own torch.Generator"  # its state at replay is not the build's
     except DistrainError:
