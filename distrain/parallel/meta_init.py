@@ -239,9 +239,9 @@ def _schedule(ops: list[_Op]) -> tuple[dict[int, list[int]], dict[int, list[tupl
                 refs[v.key].append(i)
         first = op.inputs[0] if op.inputs else None
         name = op.func.overloadpacket.__name__
-        if name in _OVERWRITES and isinstance(first, _View) and first.whole():
-            if sum(isinstance(x, _View) and x.key == first.key for x in op.inputs) == 1:  # copy_(x, x) reads x
-                whole_writes.setdefault(i, set()).add(first.key)
+        if (name in _OVERWRITES and isinstance(first, _View) and first.whole()
+                and sum(isinstance(x, _View) and x.key == first.key for x in op.inputs) == 1):  # copy_(x, x) reads x
+            whole_writes.setdefault(i, set()).add(first.key)
     ending: dict[int, list[int]] = {}
     fresh: dict[int, list[tuple[int, int]]] = {}
     for key, uses in refs.items():
