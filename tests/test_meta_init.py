@@ -77,6 +77,23 @@ def test_meta_construction_replays_the_eager_build_bitwise(argv: list[str]):
     assert torch.equal(after, after_eager), "the random stream after the build is not the eager build's"
 
 
+def test_pretrained_weights_read_in_build_model_are_replayed(tmp_path: Path):
+    """pests' model.pretrained: load_weights reads real tensors, copied into the meta parameters by the replay."""
+    from safetensors.torch import load_file, save_file
+
+    base = ["recipe=pests", "model.width=8"]
+    build = _recipe_build(base)
+    torch.manual_seed(5)
+    save_file({k: v + 1 for k, v in build().state_dict().items()}, str(tmp_path / "pre.safetensors"))
+    pretrained = _recipe_build([*base, f"model.pretrained={tmp_path}/pre.safetensors"])
+    eager, after_eager, built, after = _eager_and_meta(pretrained)
+    assert built.deferred is not None, built.fallback
+    _assert_bitwise(eager, built.model)
+    assert torch.equal(after, after_eager)
+    read = load_file(str(tmp_path / "pre.safetensors"))
+    assert all(torch.equal(eager[k], read[k]) for k in read if not k.startswith("head."))
+
+
 def test_a_transformers_llama_is_replayed_bitwise():
     """transformers skips its weight init under a meta device context: the record must not use one."""
     transformers = pytest.importorskip("transformers")

@@ -19,10 +19,12 @@ parameters and buffers, or an operation that fails on meta (one that reads value
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -85,10 +87,14 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if _READING:  # real_reads(): real tensors read from a file, constants to the record
+            return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         run = kwargs
-        if not any(isinstance(x, torch.Tensor) for x in flat) and _makes_cpu_tensor(func, kwargs):
-            run = {**kwargs, "device": META}  # an allocation on CPU, where the eager build makes it, made on meta
+        tensors_in = [x for x in flat if isinstance(x, torch.Tensor)]
+        if (not tensors_in or any(t.is_meta for t in tensors_in)) and _makes_cpu_tensor(func, kwargs):
+            # A tensor asked on CPU (an allocation, a `.to("cpu")`), where the eager build makes it: made on meta.
+            run = {**kwargs, "device": META}
         out = func(*args, **run)
         flat_out, _ = tree_flatten(out)
         tensors = [x for x in (*flat, *flat_out) if isinstance(x, torch.Tensor)]
@@ -103,6 +109,20 @@ class _Recorder(TorchDispatchMode):
                    for x in flat_out]  # fmt: skip
         self.ops.append(_Op(func, inputs, spec, outputs))
         return out
+
+
+_READING: list[bool] = []  # non-empty inside real_reads()
+
+
+@contextlib.contextmanager
+def real_reads() -> Iterator[None]:
+    """Around reading tensors from a file (pretrained weights) inside build_model: the reader's own
+    allocations stay real CPU tensors, which the record then holds as constants."""
+    _READING.append(True)
+    try:
+        yield
+    finally:
+        _READING.pop()
 
 
 def _makes_cpu_tensor(func: Any, kwargs: dict[str, Any]) -> bool:
@@ -297,7 +317,10 @@ def build_model(build: Callable[[], torch.nn.Module], on_meta: bool) -> Construc
     cpu_rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
     recorder = _Recorder()
     try:
-        with recorder:  # no torch.device("meta") context: a constructor that asks for the device sees the CPU
+        # No torch.device("meta") context: a constructor that asks for the default device sees the CPU.
+        with recorder, warnings.catch_warnings():
+            # load_state_dict's copy into a meta parameter does nothing now, but the record replays it
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
             model = build()
         problem = recorder.problem or _unregistered_meta(model)
         real = {t.device.type for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
