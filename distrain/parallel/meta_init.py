@@ -1,20 +1,25 @@
 """Sharded construction: the model is built on the meta device, then each rank materialises only its shards.
 
-`build_model` runs the recipe's build_model under `torch.device("meta")` while a dispatch mode records
-every tensor operation the constructor performs (allocations, `reset_parameters`' random draws, a
-`deepcopy` of a layer, a copy from pretrained weights...), keyed by the storage each operation reads
-and writes. No memory is allocated for the model. After the backend has sharded the meta model
+`build_model` runs the recipe's build_model under a dispatch mode that makes every CPU allocation on
+the meta device instead and records every tensor operation the constructor performs (allocations,
+`reset_parameters`' random draws, a `deepcopy` of a layer, a copy from pretrained weights...), keyed
+by the storage each operation reads and writes. No memory is allocated for the model. There is no
+`torch.device("meta")` context: a constructor that asks for the default device (transformers skips
+its weight init under a meta context) sees the CPU, as in an eager build. After the backend has sharded the meta model
 (FSDP2's fully_shard), `Deferred.materialise` allocates this rank's shards (`to_empty`) and replays
 the record on CPU in its order from the random state the eager build would have started from: the
 same operations on the same random stream give bitwise the eager build's values. Each storage is
 freed after its last use in the record; a parameter's or buffer's is first copied, only this rank's
 slice, into the live tensor. Peak memory is the record's largest set of storages alive together
-(typically one module's), not the model.
+(typically one module's), not the model: a storage that an operation later overwrites whole (a
+module's own init, then a model-wide re-init) is freed before the overwrite and allocated anew.
 
 A constructor the record cannot replay exactly falls back to the eager build, with the reason in the
 plan: random numbers drawn on a real device during construction (their order against the replayed
 draws would change), a tensor the record never saw created, a meta tensor kept outside the module's
 parameters and buffers, or an operation that fails on meta (one that reads values, e.g. `.item()`).
+What the record cannot see is Python control flow on a tensor's device: a constructor that branches
+on `p.is_meta` must not be built this way (parallel.fsdp_meta_init=false).
 """
 
 from __future__ import annotations
@@ -322,6 +327,7 @@ def build_model(build: Callable[[], torch.nn.Module], on_meta: bool) -> Construc
             # load_state_dict's copy into a meta parameter does nothing now, but the record replays it
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
             model = build()
+        deferred = Deferred(recorder, model, cpu_rng)  # names each parameter's storage: an unknown one is a problem
         problem = recorder.problem or _unregistered_meta(model)
         real = {t.device.type for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
         if problem is None and real - {"cpu"}:  # where the eager build would have put them too
@@ -338,4 +344,4 @@ def build_model(build: Callable[[], torch.nn.Module], on_meta: bool) -> Construc
         random.setstate(py_rng)
         np.random.set_state(np_rng)
         return Construction(build(), None, problem)
-    return Construction(model, Deferred(recorder, model, cpu_rng), "")
+    return Construction(model, deferred, "")
