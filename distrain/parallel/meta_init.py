@@ -235,9 +235,17 @@ class Deferred:
                 setattr(model.get_submodule(owner), leaf, buffer.to(device))
 
     def describe(self) -> str:
-        full = self.total_bytes / 2**20
-        peak = f", at most {self.peak_bytes / 2**20:.1f} MB of it materialised at once" if self.peak_bytes else ""
-        return f"meta: each rank materialised only its shards of the {full:.1f} MB model{peak}"
+        peak = f"; replaying its construction held at most {_size(self.peak_bytes)} at once" if self.peak_bytes else ""
+        return f"meta: each rank materialised only its shards of the {_size(self.total_bytes)} model{peak}"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
 
 
 # In-place operations that write every element of their first argument without reading it.
