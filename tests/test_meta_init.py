@@ -13,6 +13,7 @@ Trainer without training and writes the consolidated initial weights to OUT.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -57,7 +58,13 @@ def _assert_bitwise(eager: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 def _recipe_build(argv: list[str]):
-    cfg, recipe = resolve_config(argv)
+    return _bound_build(tuple(argv))
+
+
+@functools.cache
+def _bound_build(argv: tuple[str, ...]):
+    """The recipe's build_model with its data's info, loaded once per setting."""
+    cfg, recipe = resolve_config(list(argv))
     info = recipe.load_datasets(cfg).info
     return recipe.bind(cfg, info).build_model
 
@@ -232,10 +239,12 @@ def test_fsdp2_shards_hold_the_eager_build_bitwise(tmp_path: Path):
            "--main_process_port", str(free_port()), str(SCRIPT), str(out), *args]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(line[len("BUILT "):]) for line in proc.stdout.splitlines() if line.startswith("BUILT {")]
+    # one file per rank, not stdout, where the ranks' lines may interleave
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("built_rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
-    for r in ranks:  # every rank built on meta and held only its shards
+    for r in ranks:  # every rank built on meta, held only part of the model while building it, and its shards
         assert r["on_meta"] and r["note"].startswith("meta: ")
+        assert 0 < r["peak_bytes"] < r["total_bytes"] / 2
         assert r["local_bytes"] < r["total_bytes"]
     from safetensors.torch import load_file
 
@@ -246,7 +255,7 @@ def test_fsdp2_shards_hold_the_eager_build_bitwise(tmp_path: Path):
 
 
 def _script(out: str, argv: list[str]) -> None:
-    """Build a Trainer (no step) and write the consolidated initial weights; print how each rank built."""
+    """Build a Trainer (no step) and write the consolidated initial weights, and how each rank built, beside OUT."""
     from safetensors.torch import save_file
 
     from distrain.train.trainer import Trainer
@@ -257,8 +266,9 @@ def _script(out: str, argv: list[str]) -> None:
     local = sum(p.to_local().numel() * p.element_size() for p in trainer.model.parameters())
     total = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     info = {"rank": trainer.rank, "on_meta": built.deferred is not None, "note": built.note(),
-            "local_bytes": local, "total_bytes": total}  # fmt: skip
-    print("BUILT " + json.dumps(info), flush=True)
+            "local_bytes": local, "total_bytes": total,
+            "peak_bytes": built.deferred.peak_bytes if built.deferred is not None else None}  # fmt: skip
+    (Path(out).parent / f"built_rank{trainer.rank}.json").write_text(json.dumps(info))
     full = trainer.backend.full_state_dict(trainer.model)
     if trainer.rank == 0:
         save_file({k: v.contiguous() for k, v in full.items()}, out)
