@@ -151,6 +151,10 @@ class ParallelConfig:
         None, "fsdp2: keep params, grads and optimizer state in CPU memory; unset: the launch config's "
         "fsdp_offload_params, else false",
     )
+    fsdp_meta_init: bool | None = opt(
+        None, "fsdp2: build the model on the meta device and materialise only each rank's shards, with the eager "
+        "build's initial weights; unset: the launch config's fsdp_cpu_ram_efficient_loading, else true",
+    )
     zero_offload_optimizer: Literal["auto", "none", "cpu", "nvme"] = opt(
         "auto", "zero*: where the optimizer state and fp32 master weights live; auto: the launch config's, else none",
     )

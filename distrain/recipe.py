@@ -24,6 +24,11 @@ they return on every call (a ConfigError naming the recipe: a step's loss, preds
 have one row per sample); before anything is written distrain calls step and metrics once on
 a few validation samples in eval mode (distrain.train.preflight), so a metrics function that
 counts its calls sees one call more than there are evaluations.
+
+Under FSDP2 build_model runs on the meta device with its tensor operations recorded, and each rank
+replays them for its own shards (distrain.parallel.meta_init): the initial weights are the eager
+build's. A build_model that reads tensor values is built eagerly instead; one must not branch on
+whether a tensor is on meta.
 """
 
 from __future__ import annotations

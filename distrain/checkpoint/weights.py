@@ -54,4 +54,7 @@ def save_text(path: str | os.PathLike, text: str) -> None:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    from distrain.parallel.meta_init import real_reads
+
+    with real_reads():  # inside a build_model recorded on meta (FSDP2): real tensors, as in an eager build
+        return load_file(str(path))

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from distrain.config import Config
 from distrain.errors import ConfigError
 from distrain.parallel.launch import ParallelPlan
+from distrain.parallel.meta_init import Deferred
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -57,10 +58,14 @@ class Backend(abc.ABC):
         self._parameters: list[torch.nn.Parameter] = []
 
     # -- building
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, model: torch.nn.Module, deferred: Deferred | None = None) -> torch.nn.Module:
         """Place the model, apply train.activation_checkpointing and compile (before any wrapping, or
-        DDP's forward graph-breaks); sharding backends apply their sharding here too."""
-        model = model.to(self.accelerator.device)
+        DDP's forward graph-breaks); sharding backends apply their sharding here too. A model built on
+        meta (`deferred`, distrain.parallel.meta_init) is materialised: whole here, FSDP2 its shards."""
+        if deferred is not None:
+            deferred.materialise(model, self.accelerator.device)
+        else:
+            model = model.to(self.accelerator.device)
         checkpoint_activations(model, self.cfg, self.shard_blocks)
         if self.cfg.train.compile:
             model.compile()

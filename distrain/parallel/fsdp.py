@@ -20,6 +20,7 @@ from distrain.parallel.base import (
     torch_step,
 )
 from distrain.parallel.launch import ParallelPlan, single_process_rendezvous
+from distrain.parallel.meta_init import Deferred
 
 
 class FSDPBackend(Backend):
@@ -48,7 +49,7 @@ class FSDPBackend(Backend):
         self.mesh: Any = None
         self.num_blocks = 0
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, model: torch.nn.Module, deferred: Deferred | None = None) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -60,7 +61,8 @@ class FSDPBackend(Backend):
             )
         else:
             self.mesh = init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
-        model = model.to(device)
+        if deferred is None:
+            model = model.to(device)
         checkpoint_activations(model, self.cfg, self.shard_blocks)
         blocks = find_blocks(model, self.shard_blocks)
         if self.cfg.train.compile:  # compile the blocks before wrapping, as torchtitan does
@@ -77,6 +79,8 @@ class FSDPBackend(Backend):
             fully_shard(block, **kwargs)
         # The root holds what no block owns (stem, head); it is gathered first and kept for backward.
         fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+        if deferred is not None:  # built on meta: allocate and fill only this rank's shards
+            deferred.materialise(model, device, param_device=torch.device("cpu") if self.offload else device)
         self.num_blocks = len(blocks)
         return model
 

@@ -132,6 +132,7 @@ class ParallelPlan:
     cpu_offload: bool = False
     shard_blocks: tuple[str, ...] = ()  # the launch config's fsdp_transformer_layer_cls_to_wrap; (): SHARD_BLOCKS
     activation_checkpointing: bool = False  # the launch config's fsdp_activation_checkpointing
+    meta_init: bool = False  # build on meta, materialise each rank's shards (distrain.parallel.meta_init)
     # DeepSpeed
     zero_stage: int | None = None  # None: not DeepSpeed
     offload_optimizer: str = "none"
@@ -271,8 +272,20 @@ def _fsdp_fields(par: Any, processes: int) -> dict[str, Any]:
         raise ConfigError(f"parallel.fsdp_shard={par.fsdp_shard} x {replicate} replicas != the {processes} processes")
     offload = _pick("fsdp_cpu_offload", par.fsdp_cpu_offload, False,
                     ("the launch config has fsdp_offload_params", _env_bool("FSDP_OFFLOAD_PARAMS")))
+    # accelerate's RAM-efficient loading (only rank 0 reads the weights) is what meta construction does, better
+    loading = _env_bool("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    meta_init = _pick("fsdp_meta_init", par.fsdp_meta_init, True,
+                      ("the launch config has fsdp_cpu_ram_efficient_loading", loading))
+    state_dict_type = env.get("FSDP_STATE_DICT_TYPE")
+    if state_dict_type is not None and state_dict_type.upper() != "SHARDED_STATE_DICT":
+        raise ConfigError(
+            f"launch config fsdp_state_dict_type={state_dict_type}; distrain writes sharded checkpoints "
+            "(torch.distributed.checkpoint, reshardable) and a consolidated model.safetensors at the end: "
+            "set fsdp_state_dict_type: SHARDED_STATE_DICT or leave it out"
+        )
     names = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     return {
+        "meta_init": meta_init,
         "reshard_after_forward": reshard,
         "replicate": replicate,
         "cpu_offload": offload,
@@ -314,7 +327,7 @@ def _record(cfg: Config, plan: ParallelPlan) -> None:
     par.backend = plan.backend
     if plan.backend == "fsdp2":
         par.fsdp_reshard_after_forward, par.fsdp_cpu_offload = plan.reshard_after_forward, plan.cpu_offload
-        par.fsdp_replicate = plan.replicate
+        par.fsdp_replicate, par.fsdp_meta_init = plan.replicate, plan.meta_init
     elif plan.deepspeed:
         par.zero_offload_optimizer, par.zero_offload_params = plan.offload_optimizer, plan.offload_params
         par.deepspeed_config = plan.deepspeed_config

@@ -33,6 +33,7 @@ from distrain.observe.log import held_records, setup_logging
 from distrain.observe.metrics import MetricsLogger, peak_memory_mb, slurm_info
 from distrain.observe.throughput import count_flops, mfu, peak_flops
 from distrain.observe.trackers import init_trackers
+from distrain.parallel import meta_init
 from distrain.parallel.base import Backend, count_params
 from distrain.parallel.launch import build_accelerator, configure_torch, resolve_plan
 from distrain.parallel.select import select_backend
@@ -103,11 +104,13 @@ class Trainer:
         t = cfg.train
         self.total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.plan.steps_per_epoch
 
-        model = self.recipe.build_model()
+        # Under FSDP2 the model is built on meta and each rank materialises only its shards (parallel.fsdp_meta_init).
+        self.construction = meta_init.build_model(self.recipe.build_model, on_meta=self.parallel.meta_init)
+        model = self.construction.model
         self.backend: Backend = select_backend(self.accelerator, cfg, self.recipe.shard_blocks(model),
                                                plan=self.parallel, micro_batch=self.plan.micro_batch,
                                                grad_accum=self.plan.grad_accum)  # fmt: skip
-        model = self.backend.shard(model)
+        model = self.backend.shard(model, self.construction.deferred)
         memory.check_fits(model, cfg, self.parallel, self.world_size, self.device)  # before the optimizer exists
         self.lr = effective_lr(cfg.optim, self.plan.global_batch)
         optimizer = build_optimizer(model, cfg.optim, self.lr)
@@ -186,6 +189,7 @@ class Trainer:
             ("steps", f"{p.steps_per_epoch} per epoch, {self.total_steps} total"),
             ("data", ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())),
             ("params", f"{total:,} total, {trainable:,} trainable"),
+            *([("construction", self.construction.note())] if self.construction.note() else []),
             ("lr", f"{self.lr:g} ({self.cfg.optim.name}, {self.cfg.sched.name} schedule)"),
             *self.backend.plan(self.model),
             ("run dir", str(self.run_dir)),
