@@ -118,7 +118,7 @@ def test_errors_own_their_exit_codes():
     codes = {name: cls.exit_code for name, cls in vars(errors).items()
              if isinstance(cls, type) and issubclass(cls, errors.DistrainError) and name != "Interrupted"}  # fmt: skip
     assert codes == {"DistrainError": 1, "ConfigError": 2, "CheckpointError": 2, "ChecksumError": 2, "RunDirBusy": 2,
-                     "LaunchError": 3, "TrainingError": 1}  # fmt: skip
+                     "LaunchError": 3, "TrainingError": 1, "MemoryBudgetError": 2, "OutOfMemory": 1}  # fmt: skip
     assert errors.Interrupted(143).exit_code == 143
 
 
