@@ -3,8 +3,9 @@
 Layout of `<run>/checkpoints/step_<N:08d>/` (and `best/`):
 
     shard-<rank>.safetensors   what this rank writes: its pieces of the model state (`model.*`:
-                               DTensor shards under FSDP2; replicated tensors are split between
-                               ranks so all ranks write), the same for the optimizer state
+                               DTensor shards under FSDP2, its ZeRO partition under DeepSpeed;
+                               replicated tensors are split between ranks so all ranks write),
+                               the same for the optimizer state
                                (`optim.*`, keyed by parameter name)
     index.json                 tensor -> global shape, dtype and pieces (file, offset, shape);
                                optimizer param groups and scalar state
