@@ -190,9 +190,12 @@ def _local_shard(t: torch.Tensor) -> torch.Tensor | None:
     return local[tuple(slice(0, s) for s in geo.shape)] if list(local.shape) != geo.shape else local  # padded
 
 
-def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int,
+                 copy: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """What this rank writes of a state: its DTensor shards and every world-th replicated tensor,
-    on CPU and contiguous (tensors sharing storage, such as tied weights, are written as they are)."""
+    on CPU and contiguous (tensors sharing storage, such as tied weights, are written as they are).
+    copy: each is a fresh host copy, which the optimizer's in-place updates cannot change (a
+    background write's staging); a tensor already on the CPU is cloned, one on a device copied."""
     mine = set(_replicated(tensors)[rank::world])
     dt = dtensor_type()
     out = {}
@@ -202,6 +205,8 @@ def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dic
             continue
         if local.device.type != "cpu":
             local = local.to("cpu")
+        elif copy:
+            local = local.detach().clone(memory_format=torch.contiguous_format)
         out[key] = local if local.is_contiguous() else local.contiguous()
     return out
 
