@@ -10,6 +10,7 @@ checkpoint holding the state of the step it was taken at, not of a later one).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -23,7 +24,7 @@ from helpers import TINY_HAR
 ASYNC = ("ckpt.async_save=true",)
 
 
-@pytest.mark.parametrize("name", ["single", pytest.param("ddp", marks=pytest.mark.multiproc)])
+@pytest.mark.parametrize("name", ["single", *(pytest.param(n, marks=pytest.mark.multiproc) for n in ("ddp", "fsdp2"))])
 def test_a_kill_inside_a_background_write_resumes_exactly_from_the_last_complete_checkpoint(name, tmp_path):
     """Killed (SIGKILL, rank 0) inside step 6's background write, just before COMPLETE: only the
     temp folder of step 6 exists, every step_* folder is complete, the next segment resumes from
@@ -94,3 +95,35 @@ def test_the_loop_takes_its_next_step_while_the_write_is_pending(tmp_path, monke
     assert all(torch.equal(shard[f"model.{k}"], v) for k, v in at_save.items())
     live = trainer.model.state_dict()
     assert any(not torch.equal(v, live[k]) for k, v in at_save.items())  # trained on after the save
+
+
+def test_an_error_ending_the_run_waits_for_the_save_in_flight(tmp_path, monkeypatch):
+    """A step that raises while step 2's write is still held: train() raises only once that
+    checkpoint is committed (the process may exit right after, skipping the writer's thread)."""
+    from distrain.checkpoint import save as checkpoint_save
+    from distrain.recipe import resolve_config
+    from distrain.train.trainer import Trainer
+
+    cfg, recipe = resolve_config([*TINY_HAR, "train.max_steps=4", "ckpt.every_steps=2", "train.eval_every=0",
+                                  *ASYNC, f"output_dir={tmp_path}"])  # fmt: skip
+    trainer = Trainer(cfg, recipe)
+    write_shard = checkpoint_save.write_shard
+
+    def slow(path, tensors, metadata):
+        time.sleep(1.0)  # still writing when the next step fails
+        write_shard(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint_save, "write_shard", slow)
+    step = trainer.train_step
+
+    def train_step(micro, count):
+        if trainer.state.step == 2:
+            raise RuntimeError("a bad step")
+        return step(micro, count)
+
+    trainer.train_step = train_step  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bad step"):
+        trainer.train()
+    assert [p.name for p in ck.step_dirs(tmp_path / ck.CKPT_DIR)] == [ck.step_name(2)]
+    ck.verify(tmp_path / ck.CKPT_DIR / ck.step_name(2))
+    trainer.release_run_dir()

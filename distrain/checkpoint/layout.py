@@ -190,23 +190,26 @@ def _local_shard(t: torch.Tensor) -> torch.Tensor | None:
     return local[tuple(slice(0, s) for s in geo.shape)] if list(local.shape) != geo.shape else local  # padded
 
 
-def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int,
-                 copy: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
-    """What this rank writes of a state: its DTensor shards and every world-th replicated tensor,
-    on CPU and contiguous (tensors sharing storage, such as tied weights, are written as they are).
-    copy: each is a fresh host copy, which the optimizer's in-place updates cannot change (a
-    background write's staging); a tensor already on the CPU is cloned, one on a device copied."""
+def rank_pieces(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """What this rank writes of a state, where it lives: its DTensor shards' local tensors and every
+    world-th replicated tensor."""
     mine = set(_replicated(tensors)[rank::world])
     dt = dtensor_type()
     out = {}
     for key, t in tensors.items():
         local = _local_shard(t) if isinstance(t, dt) else t if key in mine else None
-        if local is None:
-            continue
+        if local is not None:
+            out[key] = local
+    return out
+
+
+def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """rank_pieces on CPU and contiguous (tensors sharing storage, such as tied weights, are written
+    as they are)."""
+    out = {}
+    for key, local in rank_pieces(tensors, rank, world).items():
         if local.device.type != "cpu":
             local = local.to("cpu")
-        elif copy:
-            local = local.detach().clone(memory_format=torch.contiguous_format)
         out[key] = local if local.is_contiguous() else local.contiguous()
     return out
 

@@ -40,7 +40,7 @@ from distrain.checkpoint.format import (
     step_dirs,
 )
 from distrain.checkpoint.integrity import verify
-from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, layout, rank_tensors
+from distrain.checkpoint.layout import dtensor_type, flatten_optim, geometry, layout, rank_pieces, rank_tensors
 from distrain.checkpoint.shard_file import write_shard
 from distrain.checkpoint.weights import fsync_path, write_synced
 from distrain.errors import CheckpointError
@@ -99,6 +99,7 @@ class CheckpointWriter:
         self._async: ThreadPoolExecutor | None = None  # save_async's one thread: one save in flight
         self._inflight: Future | None = None
         self._pending: list[Future] = []
+        self._buffers: dict[str, torch.Tensor] = {}  # save_async's host copies, reused by the next save
         self._layout: tuple[tuple[Any, ...], str] | None = None
 
     def save(
@@ -126,7 +127,7 @@ class CheckpointWriter:
         job = self._prepare(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world,
                             keep_last, copy=False)  # fmt: skip
         final = self._write(job)
-        if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush
+        if name.startswith("step_") and rank == 0:  # bookkeeping that nothing waits for: see flush
             self._after_commit(point_latest, job.root, name, keep_last)
         return final
 
@@ -176,9 +177,10 @@ class CheckpointWriter:
                 _clear_stale(root, keep=job.tmp)
             optim_tensors, optim_extra = flatten_optim(optim_state)
             # No RNG states: distrain.train.rng derives them from the step.
-            tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world, copy=copy).items()}
-            tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world, copy=copy).items()}
-            job.tensors = tensors
+            pick = rank_pieces if copy else rank_tensors
+            tensors = {f"model.{k}": v for k, v in pick(model_state, rank, world).items()}
+            tensors |= {f"optim.{k}": v for k, v in pick(optim_tensors, rank, world).items()}
+            job.tensors = self._stage(tensors) if copy else tensors
             if rank == 0:
                 tensors_json = self._layout_json(model_state, optim_tensors, world)
                 optim_json = json.dumps(optim_extra, default=json_default)
@@ -189,6 +191,24 @@ class CheckpointWriter:
         except Exception as e:  # still join the gather in _write: the other ranks wait in it
             job.failure = e
         return job
+
+    def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of tensors, which the optimizer's in-place updates cannot change under a
+        background write (torchtitan's staging): copied into buffers kept from the previous save,
+        so a save costs a memory copy, not fresh pages (pinned for GPU tensors: one asynchronous
+        copy each, one wait). The buffers are reused only after that save's write (one in flight)."""
+        staged, on_gpu = {}, False
+        for key, t in tensors.items():
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            on_gpu |= t.device.type == "cuda"
+            buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
+            staged[key] = buf
+        if on_gpu:
+            torch.cuda.synchronize()
+        self._buffers = staged  # tensors this save no longer has go: their memory is freed
+        return staged
 
     def _write_committed(self, job: _Job, done: Callable[[Path], None] | None) -> Path:
         """A background save: the write and commit, then `latest` and retention on the same thread
