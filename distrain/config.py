@@ -123,7 +123,8 @@ class CkptConfig:
     save_final: bool = opt(True, "save a checkpoint when training ends")
     async_save: bool = opt(
         False, "the loop waits only while a save's state is copied to host memory; the files are written and "
-        "committed in the background (one save in flight; the end of training and signals wait for it)",
+        "committed in the background (one save in flight; the end of training and signals wait for it); costs "
+        "a host copy of the rank's state, kept between saves",
     )
 
 
