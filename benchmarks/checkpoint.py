@@ -1,6 +1,16 @@
 """Checkpoint save/load time and size: distrain's sharded format vs plain safetensors.
 
     python benchmarks/checkpoint.py [--models har,synthetic100m] [--repeats N]
+    python benchmarks/checkpoint.py --blocked [--procs 1,2] [--repeats N]
+
+--blocked: how long a save holds up the training loop, ckpt.async_save=true vs a synchronous
+save, for the 100M model (weights + AdamW moments, 1.2 GB) on the CPU, one process and two
+(gloo, each rank holding the full replicated state and writing half of it, as under DDP). The
+synchronous save blocks until the checkpoint is committed; the asynchronous one only while this
+rank's part is copied to host memory (CheckpointWriter.save_async), the rest is written on its
+thread; "committed + retention" is the time until it is, `latest` pointed and the previous
+checkpoint deleted (flush). Best of N repeats (default 3); the ratio is
+async blocked / sync blocked (target <= 0.25).
 
 For each model, 2 CPU processes (gloo) save and load a full training state (weights + AdamW
 moments) with distrain.checkpoint under DDP and under FSDP2. The reference is
@@ -156,11 +166,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def blocked_worker(rank: int, world: int, port: int, tmp: str, repeats: int, out: dict) -> None:
+    """Time this rank's sync and async saves of the 100M model's training state (rank 0 reports)."""
+    from distrain.checkpoint.manager import async_group
+    from distrain.checkpoint.save import CheckpointWriter
+
+    group = None
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        group = async_group()  # what CheckpointManager creates for ckpt.async_save
+    torch.set_num_threads(1)
+    model, _ = build("synthetic100m")
+    opt = with_optimizer_state(model)
+    writer = CheckpointWriter()
+    times: dict[str, list[float]] = {"sync": [], "async": [], "async committed": []}
+    step = 0
+    for _ in range(repeats):
+        for mode in ("sync", "async"):
+            step += 1
+            run_dir = Path(tmp) / f"blocked-{world}"
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            msd, osd = live_states(model, opt)
+            args = (run_dir, ck.step_name(step), msd, osd, {"step": step}, "{}\n", rank, world)
+            if mode == "sync":
+                writer.save(*args, keep_last=1)
+            else:
+                writer.save_async(*args, keep_last=1, group=group)
+            times[mode].append(time.perf_counter() - t0)
+            writer.flush()  # the async save's write and commit; retention of the previous ones
+            if mode == "async":
+                times["async committed"].append(time.perf_counter() - t0)
+    writer.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        out[world] = {k: min(v) for k, v in times.items()}
+
+
+def blocked_main(procs: list[int], repeats: int) -> None:
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="distrain-ckpt-blocked-") as tmp:
+        for world in procs:
+            results = mp.Manager().dict()
+            if world == 1:
+                blocked_worker(0, 1, 0, tmp, repeats, results)
+            else:
+                mp.spawn(blocked_worker, args=(world, free_port(), tmp, repeats, results), nprocs=world)
+            rows[world] = dict(results[world])
+    print("| model | processes | sync save: loop blocked ms | async save: loop blocked ms "
+          "| async: committed + retention ms | blocked async / sync |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for world, r in rows.items():
+        print(f"| synthetic100m (100.7M) | {world} | {r['sync'] * 1e3:.0f} | {r['async'] * 1e3:.0f} | "
+              f"{r['async committed'] * 1e3:.0f} | {r['async'] / r['sync']:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="har,synthetic100m")
     parser.add_argument("--repeats", type=int, default=None, help="best of N (default: 20 for har, 3 for 100M)")
+    parser.add_argument("--blocked", action="store_true", help="time the loop is blocked: async vs sync saves")
+    parser.add_argument("--procs", default="1,2", help="--blocked: process counts")
     args = parser.parse_args()
+    if args.blocked:
+        blocked_main([int(p) for p in args.procs.split(",")], args.repeats or 3)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="distrain-ckpt-bench-") as tmp:
         for name in args.models.split(","):

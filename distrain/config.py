@@ -121,6 +121,11 @@ class CkptConfig:
     keep_last: int = opt(3, "checkpoints kept besides best/; older ones are deleted after a new one is complete")
     save_best: bool = opt(True, "keep a best/ checkpoint on each new best validation metric")
     save_final: bool = opt(True, "save a checkpoint when training ends")
+    async_save: bool = opt(
+        False, "the loop waits only while a save's state is copied to host memory; the files are written and "
+        "committed in the background (one save in flight; the end of training and signals wait for it); costs "
+        "a host copy of the rank's state, kept between saves",
+    )
 
 
 @dataclass

@@ -262,10 +262,9 @@ def _local_shard(t: torch.Tensor) -> torch.Tensor | None:
     return local[tuple(slice(0, s) for s in geo.shape)] if list(local.shape) != geo.shape else local  # padded
 
 
-def rank_tensors(tensors: dict[str, Any], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """What this rank writes of a state: its DTensor shards, its FlatShards' blocks and every
-    world-th replicated tensor, on CPU and contiguous (tensors sharing storage, such as tied
-    weights, are written as they are)."""
+def rank_pieces(tensors: dict[str, Any], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """What this rank writes of a state, where it lives: its DTensor shards' local tensors, its
+    FlatShards' blocks and every world-th replicated tensor."""
     mine = set(_replicated(tensors)[rank::world])
     dt = dtensor_type()
     out = {}
@@ -274,8 +273,16 @@ def rank_tensors(tensors: dict[str, Any], rank: int, world: int) -> dict[str, to
             out |= _flat_blocks(key, t)
             continue
         local = _local_shard(t) if isinstance(t, dt) else t if key in mine else None
-        if local is None:
-            continue
+        if local is not None:
+            out[key] = local
+    return out
+
+
+def rank_tensors(tensors: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """rank_pieces on CPU and contiguous (tensors sharing storage, such as tied weights, are written
+    as they are)."""
+    out = {}
+    for key, local in rank_pieces(tensors, rank, world).items():
         if local.device.type != "cpu":
             local = local.to("cpu")
         out[key] = local if local.is_contiguous() else local.contiguous()

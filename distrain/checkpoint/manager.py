@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from distrain.checkpoint import resume_check
+from distrain.checkpoint.collective import is_dist
 from distrain.checkpoint.find import choose, find_best, find_best_in, set_aside_future, warn_skips, with_skips
 from distrain.checkpoint.format import CKPT_DIR, STATE, read_json, step_dirs
 from distrain.checkpoint.load import check_fits, load_verified
@@ -69,6 +70,19 @@ class _Loaded:
     best_weights: dict[str, torch.Tensor] | None
 
 
+def _log_saved(path: Path) -> None:
+    log.info("checkpoint saved: %s", path)
+
+
+def async_group() -> Any:
+    """A gloo process group of every rank for background saves' gathers; None for one process."""
+    if not is_dist():
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
 class CheckpointManager:
     """Saves and resumes one trainer; all ranks call save and resume at the same step boundary."""
 
@@ -77,9 +91,14 @@ class CheckpointManager:
         self.writer = CheckpointWriter()
         self.last_saved_step = -1  # the step of the step_* checkpoint saved or resumed from last (-1: none)
         self.resumed_from: Path | None = None  # the checkpoint resumed from: its folder may hold the lineage's best/
+        self.async_save = bool(trainer.cfg.ckpt.async_save)
+        # A background save's checksum gather runs while the loop issues its own collectives: it gets
+        # a gloo group of its own, created here, where every rank constructs its manager at once.
+        self._group = async_group() if self.async_save else None
 
     def save(self, name: str) -> Path:
-        """Save the trainer's full state as checkpoint `name` (step_<N> or best)."""
+        """Save the trainer's full state as checkpoint `name` (step_<N> or best); with
+        ckpt.async_save, return once it is copied to host memory and write it in the background."""
         import yaml
 
         from distrain.config import to_plain
@@ -88,17 +107,25 @@ class CheckpointManager:
         model_state, optim_state = t.backend.checkpoint_state(t.model, t.optimizer)
         state = t.state_dict()
         keep = t.cfg.ckpt.keep_last if name.startswith("step_") else None
-        path = self.writer.save(t.run_dir, name, model_state, optim_state, state,
-                                yaml.safe_dump(to_plain(t.cfg), sort_keys=False), t.rank, t.world_size,
-                                keep_last=keep)  # fmt: skip
+        args = (t.run_dir, name, model_state, optim_state, state, yaml.safe_dump(to_plain(t.cfg), sort_keys=False),
+                t.rank, t.world_size, keep)  # fmt: skip
+        if self.async_save:  # returns once the state is on the host; logged when committed
+            path = self.writer.save_async(*args, group=self._group, done=_log_saved)
+        else:
+            path = self.writer.save(*args)
+            _log_saved(path)
         if name.startswith("step_"):
             self.last_saved_step = int(state["step"])
-        log.info("checkpoint saved: %s", path)
         return path
 
     def flush(self) -> None:
-        """Wait until `latest` and retention of every finished save are done (errors re-raised)."""
+        """Wait until the save in flight is committed and `latest` and retention of every finished
+        save are done (errors re-raised)."""
         self.writer.flush()
+
+    def settle(self) -> None:
+        """Wait for the save in flight of a run that is failing; its error is logged, not raised."""
+        self.writer.settle()
 
     def close(self) -> None:
         """flush, then end the writer threads (a later save starts new ones)."""

@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from distrain.checkpoint.format import (
     step_dirs,
 )
 from distrain.checkpoint.integrity import verify
-from distrain.checkpoint.layout import flatten_optim, layout, placement, rank_tensors
+from distrain.checkpoint.layout import flatten_optim, layout, placement, rank_pieces, rank_tensors
 from distrain.checkpoint.shard_file import write_shard
 from distrain.checkpoint.weights import fsync_path, write_synced
 from distrain.errors import CheckpointError
@@ -62,6 +64,27 @@ def point_latest(root: Path, name: str, keep_last: int | None = None) -> None:
         apply_retention(root, keep_last)
 
 
+@dataclass
+class _Job:
+    """One save between taking it off the live state (_prepare) and committing it (_write)."""
+
+    root: Path
+    name: str
+    tmp: Path
+    step: int
+    rank: int
+    world: int
+    keep_last: int | None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's shard
+    texts: dict[str, str] = field(default_factory=dict)  # rank 0: the rank-independent files
+    failure: Exception | None = None
+    group: Any = None  # the checksum gather's process group (None: the default one)
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.name
+
+
 class CheckpointWriter:
     """One saver's threads, the bookkeeping it has not finished, and its cache of the index layout.
 
@@ -73,7 +96,10 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._writer: ThreadPoolExecutor | None = None
         self._after: ThreadPoolExecutor | None = None
+        self._async: ThreadPoolExecutor | None = None  # save_async's one thread: one save in flight
+        self._inflight: Future | None = None
         self._pending: list[Future] = []
+        self._buffers: dict[str, torch.Tensor] = {}  # save_async's host copies, reused by the next save
         self._layout: tuple[tuple[Any, ...], str] | None = None
 
     def save(
@@ -98,32 +124,116 @@ class CheckpointWriter:
         (disk full) raises CheckpointError on the rank it happened on and on rank 0, which removes
         the temp folder; the earlier checkpoints are untouched.
         """
-        root = Path(run_dir) / CKPT_DIR
-        final = root / name
-        tmp = root / f".tmp-{name}"
-        step = int(trainer_state.get("step", 0))
-        texts: dict[str, str] = {}
-        texts_written: list[Future] = []
-        checksums, size, failure = [], -1, None
-        try:
-            tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: removed before COMPLETE
-            if rank == 0:
-                _clear_stale(root, keep=tmp)
-            fault_point("before_shards", rank, step)
+        job = self._prepare(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world,
+                            keep_last, copy=False)  # fmt: skip
+        final = self._write(job)
+        if name.startswith("step_") and rank == 0:  # bookkeeping that nothing waits for: see flush
+            self._after_commit(point_latest, job.root, name, keep_last)
+        return final
 
+    def save_async(
+        self,
+        run_dir: str | os.PathLike,
+        name: str,
+        model_state: dict[str, torch.Tensor],
+        optim_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_text: str,
+        rank: int = 0,
+        world: int = 1,
+        keep_last: int | None = None,
+        group: Any = None,
+        done: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """save, but returning once this rank's part of the state is copied to host memory.
+
+        The files are written, gathered on rank 0 and committed on a background thread with save's
+        protocol (temp folder, checksums, COMPLETE, rename), then `latest` and retention; `done`
+        is called there with the final folder once it is committed. At most one save is in flight:
+        this first waits for the previous one (and raises its error). `group`: the process group of
+        the checksum gather, which must not be the training loop's (it runs concurrently with the
+        loop's collectives); None for one process. flush waits for the write.
+        """
+        self.flush()
+        job = self._prepare(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world,
+                            keep_last, copy=True)  # fmt: skip
+        job.group = group
+        if self._async is None:
+            self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-async")
+        self._inflight = self._async.submit(self._write_committed, job, done)
+        return job.final
+
+    def _prepare(self, run_dir: str | os.PathLike, name: str, model_state: dict[str, torch.Tensor],
+                 optim_state: dict[str, Any], trainer_state: dict[str, Any], config_text: str, rank: int,
+                 world: int, keep_last: int | None, copy: bool) -> _Job:  # fmt: skip
+        """What this rank writes, taken off the live state: its tensors (fresh host copies with
+        `copy`, which training cannot change under a background write) and, on rank 0, the
+        rank-independent files' text. A failure is kept in the job: its rank still joins the gather."""
+        root = Path(run_dir) / CKPT_DIR
+        job = _Job(root, name, root / f".tmp-{name}", int(trainer_state.get("step", 0)), rank, world, keep_last)
+        try:
+            job.tmp.mkdir(parents=True, exist_ok=True)  # may hold files of a crashed save: removed before COMPLETE
+            if rank == 0:
+                _clear_stale(root, keep=job.tmp)
             optim_tensors, optim_extra = flatten_optim(optim_state)
-            tensors = {f"model.{k}": v for k, v in rank_tensors(model_state, rank, world).items()}
-            tensors |= {f"optim.{k}": v for k, v in rank_tensors(optim_tensors, rank, world).items()}
-            shard = tmp / shard_name(rank)
             # No RNG states: distrain.train.rng derives them from the step.
-            write_shard(shard, tensors, {"format": FORMAT})
-            if rank == 0:  # the rank-independent files, flushed on another thread while this one flushes the shard
+            pick = rank_pieces if copy else rank_tensors
+            tensors = {f"model.{k}": v for k, v in pick(model_state, rank, world).items()}
+            tensors |= {f"optim.{k}": v for k, v in pick(optim_tensors, rank, world).items()}
+            job.tensors = self._stage(tensors) if copy else tensors
+            if rank == 0:
                 tensors_json = self._layout_json(model_state, optim_tensors, world)
                 optim_json = json.dumps(optim_extra, default=json_default)
                 index = (f'{{"format": "{FORMAT}", "version": {VERSION}, "world_size": {world}, '
                          f'"tensors": {tensors_json}, "optim": {optim_json}}}')  # fmt: skip
-                texts = {STATE: json.dumps(trainer_state, indent=1, default=json_default), CONFIG: config_text,
-                         INDEX: index}  # fmt: skip
+                job.texts = {STATE: json.dumps(trainer_state, indent=1, default=json_default), CONFIG: config_text,
+                             INDEX: index}  # fmt: skip
+        except Exception as e:  # still join the gather in _write: the other ranks wait in it
+            job.failure = e
+        return job
+
+    def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of tensors, which the optimizer's in-place updates cannot change under a
+        background write (torchtitan's staging): copied into buffers kept from the previous save,
+        so a save costs a memory copy, not fresh pages (pinned for GPU tensors: one asynchronous
+        copy each, one wait). The buffers are reused only after that save's write (one in flight)."""
+        staged, on_gpu = {}, False
+        for key, t in tensors.items():
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            on_gpu |= t.device.type == "cuda"
+            buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
+            staged[key] = buf
+        if on_gpu:
+            torch.cuda.synchronize()
+        self._buffers = staged  # tensors this save no longer has go: their memory is freed
+        return staged
+
+    def _write_committed(self, job: _Job, done: Callable[[Path], None] | None) -> Path:
+        """A background save: the write and commit, then `latest` and retention on the same thread
+        (the next save waits for this one, so they stay in order)."""
+        final = self._write(job)
+        if job.name.startswith("step_") and job.rank == 0:
+            point_latest(job.root, job.name, job.keep_last)
+        if done is not None:
+            done(final)
+        return final
+
+    def _write(self, job: _Job) -> Path:
+        """Write, flush and gather a prepared save; on rank 0 write COMPLETE and commit it."""
+        root, tmp, final, rank, world, step = job.root, job.tmp, job.final, job.rank, job.world, job.step
+        texts = job.texts
+        texts_written: list[Future] = []
+        checksums, size, failure = [], -1, job.failure
+        try:
+            fault_point("before_shards", rank, step)
+            if failure is not None:
+                raise failure
+            shard = tmp / shard_name(rank)
+            write_shard(shard, job.tensors, {"format": FORMAT})
+            job.tensors = {}  # the host copies are not needed once written
+            if rank == 0:  # the rank-independent files, flushed on another thread while this one flushes the shard
                 texts_written = [self._in_thread(_write_recorded, tmp / n, t.encode()) for n, t in texts.items()]
             checksums = list(block_checksums(shard).values())
             size = shard.stat().st_size
@@ -131,7 +241,7 @@ class CheckpointWriter:
         except Exception as e:  # still join the gather below: the other ranks wait in it
             failure = e
         fault_point("between_shards", rank, step)
-        files = _gather_files(checksums, size, rank, world)
+        files = _gather_files(checksums, size, rank, world, job.group)
         if rank != 0:
             if failure is not None:
                 raise _save_error(final, failure)
@@ -163,24 +273,35 @@ class CheckpointWriter:
                 raise
             raise error from e
         fault_point("before_latest", rank, step)
-        if name.startswith("step_"):  # bookkeeping that nothing waits for: see flush
-            self._after_commit(point_latest, root, name, keep_last)
         return final
 
     def flush(self) -> None:
-        """Wait until `latest` and retention of every finished save are done (errors re-raised)."""
+        """Wait until the save in flight (save_async) is committed and `latest` and retention of
+        every finished save are done (errors re-raised)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
         while self._pending:
             self._pending.pop(0).result()
+
+    def settle(self) -> None:
+        """flush for a run that is already failing: the save in flight still lands, and an error of
+        the saves is logged rather than raised over the one that is ending the run."""
+        try:
+            self.flush()
+        except Exception as e:
+            log.error("the checkpoint being written in the background failed: %s", e)
 
     def close(self) -> None:
         """flush, then end the threads (a later save starts new ones); errors of the bookkeeping re-raised."""
         try:
             self.flush()
         finally:
-            for pool in (self._writer, self._after):
+            for pool in (self._async, self._writer, self._after):
                 if pool is not None:
                     pool.shutdown(wait=True)
-            self._writer = self._after = None
+            self._async = self._writer = self._after = None
+            self._inflight = None
 
     def _in_thread(self, fn: Any, *args: Any) -> Future:
         """Run fn on a background writer thread (file writes release the GIL, and concurrent fsyncs
@@ -234,10 +355,12 @@ def _save_error(final: Path, error: Exception) -> Exception:
     return error
 
 
-def _gather_files(checksums: list[str], size: int, rank: int, world: int) -> dict[str, dict[str, Any]]:
+def _gather_files(checksums: list[str], size: int, rank: int, world: int,
+                  group: Any = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Rank 0 collects every shard's size and block checksums, as int64s in one gather (no
-    pickling, fixed size: BLOCKS checksums a file). Size -1: that rank could not write its shard
-    (no checksums). Other ranks get {}."""
+    pickling, fixed size: BLOCKS checksums a file) over `group` (a CPU group: its tensors stay on
+    the CPU), else the default group. Size -1: that rank could not write its shard (no
+    checksums). Other ranks get {}."""
     words = [size]
     for c in checksums or ["0"] * BLOCKS:
         value = int(c, 16)
@@ -245,9 +368,10 @@ def _gather_files(checksums: list[str], size: int, rank: int, world: int) -> dic
     mine = torch.tensor(words, dtype=torch.int64)
     rows = [mine]
     if is_dist():
-        mine = mine.to(collective_device())
+        if group is None:
+            mine = mine.to(collective_device())
         rows = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
-        dist.gather(mine, rows, dst=0)
+        dist.gather(mine, rows, dst=0, group=group)
     if rank != 0:
         return {}
     out = {}

@@ -442,6 +442,9 @@ class Trainer:
             exit_code = e.exit_code
             log.warning("interrupted at step %d: saving a checkpoint and exiting with %d", s.step, exit_code)
             self._save_step()
+        except BaseException:
+            self.checkpoints.settle()  # a background save of a finished step still lands (ckpt.async_save)
+            raise
         finally:
             self.interrupt.restore()
             logger.close()
