@@ -308,3 +308,18 @@ def test_launch_config_is_what_its_name_says(name: str):
         assert ds["zero_stage"] == stage
         assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds, "distrain fills them"
         assert not conf.get("use_cpu"), "use_cpu makes accelerate drop DeepSpeed"
+
+
+def test_deepspeed_buckets_are_sized_from_the_model_unless_the_config_sets_them():
+    # DeepSpeed's default reduce bucket is 5e8 elements, a 2 GB fp32 buffer even for a tiny model.
+    from distrain.parallel.zero import size_buckets
+
+    model = nn.Sequential(nn.Linear(2048, 1024), nn.Linear(1024, 8))
+    zero = {"stage": 3, "allgather_bucket_size": 12345, "stage3_param_persistence_threshold": "auto"}
+    size_buckets(zero, model)
+    assert zero == {"stage": 3, "allgather_bucket_size": 12345, "reduce_bucket_size": 2048 * 1024,
+                    "stage3_prefetch_bucket_size": int(0.9 * 2048 * 1024),
+                    "stage3_param_persistence_threshold": 10 * 1448}  # fmt: skip
+    small = {}
+    size_buckets(small, nn.Linear(4, 4))
+    assert small["reduce_bucket_size"] == 1 << 20  # a floor: tiny buckets would mean many collectives

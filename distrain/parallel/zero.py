@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class DeepSpeedBackend(Backend):
         low = LOW_PRECISION.get(self.cfg.precision)
         if low is not None:  # the engine holds low-precision weights and does not autocast: cast inputs
             model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=low), with_kwargs=True)
+        size_buckets(self.ds_config.setdefault("zero_optimization", {}), model)
         engine, optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = engine
         self.gate = UpdateGate(getattr(engine.optimizer, "optimizer", engine.optimizer), self.accelerator.device)
@@ -409,6 +411,24 @@ def _set_part(live: Any, value: Any) -> None:
             live.local.copy_(src)
     elif value is not live:
         live.copy_(value)
+
+
+def size_buckets(zero: dict[str, Any], model: torch.nn.Module) -> None:
+    """Size the communication buckets the DeepSpeed config leaves unset or "auto" from the model, in place.
+
+    DeepSpeed's defaults are 5e8 elements (a 2 GB fp32 buffer per bucket) whatever the model, and
+    accelerate fills "auto" only from a transformers `config.hidden_size` (hidden^2); the largest
+    parameter is that size for a transformer and exists for any model. Bucketing changes only how
+    the elementwise reductions are grouped, not their results.
+    """
+    largest = max((p.numel() for p in model.parameters()), default=1)
+    size = min(int(5e8), max(largest, 1 << 20))
+    wanted = {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": int(0.9 * size)}
+    for key, value in wanted.items():
+        if zero.get(key, "auto") in ("auto", None):
+            zero[key] = value
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = 10 * math.isqrt(size)
 
 
 def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: int, source: str | None = None,
