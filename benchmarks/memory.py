@@ -7,7 +7,7 @@ hidden 1024, 8 layers, FFN 2816, 16 heads; AdamW; synthetic tokens) through the 
 `accelerate launch --config_file launch_configs/cpu_<backend>.yaml` at 2 processes (`single`: one
 plain process), for 2 steps with one evaluation and the default final and best checkpoints, then
 the same run with a 0.13M-parameter model of the same recipe. Every rank records its own peak at
-exit: the resident-set high-water mark (`VmHWM` of /proc/self/status) on CPU,
+exit: the resident-set high-water mark (`ru_maxrss`, what observe.metrics.peak_memory_mb reads) on CPU,
 `torch.cuda.max_memory_allocated` on CUDA. The figure is the largest rank's peak minus that of
 the tiny run, divided by the difference in parameter count: bytes per parameter net of the
 interpreter, the libraries and the activations, to set beside the ideal of fp32 weights +
@@ -51,14 +51,13 @@ RUN = ["train.max_steps=2", "data.batch_size=1", "log.progress=false", "log.ever
 
 def peak_bytes() -> dict[str, int]:
     """This process's peak so far: resident set high-water mark, and CUDA's allocator peak when used."""
-    out: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                out["rss_peak"] = int(line.split()[1]) * 1024
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_peak"] = int(torch.cuda.max_memory_allocated())
+    import torch
+
+    from distrain.observe.metrics import peak_memory_mb
+
+    out = {"rss_peak": int(peak_memory_mb(torch.device("cpu")) * 2**20)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak"] = int(peak_memory_mb(torch.device("cuda")) * 2**20)
     return out
 
 
