@@ -128,8 +128,10 @@ def finish(trainer: Any, exit_code: int, wall: float) -> dict[str, Any]:
         "world_size": t.world_size,
         "backend": t.backend.name,
         "run_dir": str(t.run_dir),
-        **({"slurm": slurm_info()} if slurm_info() else {}),
     }
+    slurm = slurm_info()
+    if slurm:
+        summary["slurm"] = slurm
     if t.rank == 0:
         write_json(t.run_dir / "summary.json", summary)
         log.info("done in %.1f s; summary in %s", wall, t.run_dir / "summary.json")
