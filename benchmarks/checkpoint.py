@@ -7,7 +7,7 @@
 save, for the 100M model (weights + AdamW moments, 1.2 GB) on the CPU, one process and two
 (gloo, each rank holding the full replicated state and writing half of it, as under DDP). The
 synchronous save blocks until the checkpoint is committed; the asynchronous one only while this
-rank's part is copied to host memory (CheckpointWriter.save_async), the rest is written on its
+rank's part is copied to host memory (CheckpointWriter.save with background=True), the rest is written on its
 thread; "committed + retention" is the time until it is, `latest` pointed and the previous
 checkpoint deleted (flush). Best of N repeats (default 3); the ratio is
 async blocked / sync blocked (target <= 0.25).
@@ -194,7 +194,7 @@ def blocked_worker(rank: int, world: int, port: int, tmp: str, repeats: int, out
             if mode == "sync":
                 writer.save(*args, keep_last=1)
             else:
-                writer.save_async(*args, keep_last=1, group=group)
+                writer.save(*args, keep_last=1, background=True, group=group)
             times[mode].append(time.perf_counter() - t0)
             writer.flush()  # the async save's write and commit; retention of the previous ones
             if mode == "async":

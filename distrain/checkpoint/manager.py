@@ -110,7 +110,7 @@ class CheckpointManager:
         args = (t.run_dir, name, model_state, optim_state, state, yaml.safe_dump(to_plain(t.cfg), sort_keys=False),
                 t.rank, t.world_size, keep)  # fmt: skip
         if self.async_save:  # returns once the state is on the host; logged when committed
-            path = self.writer.save_async(*args, group=self._group, done=_log_saved)
+            path = self.writer.save(*args, background=True, group=self._group, done=_log_saved)
         else:
             path = self.writer.save(*args)
             _log_saved(path)

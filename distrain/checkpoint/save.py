@@ -96,10 +96,10 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._writer: ThreadPoolExecutor | None = None
         self._after: ThreadPoolExecutor | None = None
-        self._async: ThreadPoolExecutor | None = None  # save_async's one thread: one save in flight
+        self._async: ThreadPoolExecutor | None = None  # the background save's one thread: one save in flight
         self._inflight: Future | None = None
         self._pending: list[Future] = []
-        self._buffers: dict[str, torch.Tensor] = {}  # save_async's host copies, reused by the next save
+        self._buffers: dict[str, torch.Tensor] = {}  # the background save's host copies, reused by the next save
         self._layout: tuple[tuple[Any, ...], str] | None = None
 
     def save(
@@ -113,6 +113,9 @@ class CheckpointWriter:
         rank: int = 0,
         world: int = 1,
         keep_last: int | None = None,
+        background: bool = False,
+        group: Any = None,
+        done: Callable[[Path], None] | None = None,
     ) -> Path:
         """Write checkpoint `name` (step_<N> or best) under <run_dir>/checkpoints; every rank calls it.
 
@@ -123,45 +126,28 @@ class CheckpointWriter:
         ones. One collective: a gather of each shard's size and checksum on rank 0. A failed write
         (disk full) raises CheckpointError on the rank it happened on and on rank 0, which removes
         the temp folder; the earlier checkpoints are untouched.
+
+        background=True (ckpt.async_save): return once this rank's part of the state is copied to host
+        memory; the write, gather and commit above, then `latest` and retention, run on one background
+        thread, and `done` is called there with the final folder once it is committed. At most one
+        save is in flight. `group`: the process group of the checksum gather, which must not be the
+        training loop's (it runs concurrently with the loop's collectives); None for one process.
+        flush waits for the write.
         """
+        if background:
+            self.flush()  # at most one save in flight; an earlier one's error raises here
         job = self._prepare(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world,
-                            keep_last, copy=False)  # fmt: skip
+                            keep_last, copy=background)  # fmt: skip
+        if background:
+            job.group = group
+            if self._async is None:
+                self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-async")
+            self._inflight = self._async.submit(self._write_committed, job, done)
+            return job.final
         final = self._write(job)
         if name.startswith("step_") and rank == 0:  # bookkeeping that nothing waits for: see flush
             self._after_commit(point_latest, job.root, name, keep_last)
         return final
-
-    def save_async(
-        self,
-        run_dir: str | os.PathLike,
-        name: str,
-        model_state: dict[str, torch.Tensor],
-        optim_state: dict[str, Any],
-        trainer_state: dict[str, Any],
-        config_text: str,
-        rank: int = 0,
-        world: int = 1,
-        keep_last: int | None = None,
-        group: Any = None,
-        done: Callable[[Path], None] | None = None,
-    ) -> Path:
-        """save, but returning once this rank's part of the state is copied to host memory.
-
-        The files are written, gathered on rank 0 and committed on a background thread with save's
-        protocol (temp folder, checksums, COMPLETE, rename), then `latest` and retention; `done`
-        is called there with the final folder once it is committed. At most one save is in flight:
-        this first waits for the previous one (and raises its error). `group`: the process group of
-        the checksum gather, which must not be the training loop's (it runs concurrently with the
-        loop's collectives); None for one process. flush waits for the write.
-        """
-        self.flush()
-        job = self._prepare(run_dir, name, model_state, optim_state, trainer_state, config_text, rank, world,
-                            keep_last, copy=True)  # fmt: skip
-        job.group = group
-        if self._async is None:
-            self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-ckpt-async")
-        self._inflight = self._async.submit(self._write_committed, job, done)
-        return job.final
 
     def _prepare(self, run_dir: str | os.PathLike, name: str, model_state: dict[str, torch.Tensor],
                  optim_state: dict[str, Any], trainer_state: dict[str, Any], config_text: str, rank: int,
@@ -276,7 +262,7 @@ class CheckpointWriter:
         return final
 
     def flush(self) -> None:
-        """Wait until the save in flight (save_async) is committed and `latest` and retention of
+        """Wait until the save in flight (save(background=True)) is committed and `latest` and retention of
         every finished save are done (errors re-raised)."""
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
