@@ -102,11 +102,19 @@ class DataConfig:
 class LogConfig:
     every: int = opt(10, "log training metrics every N optimizer steps")
     progress: bool = opt(True, "show a tqdm progress bar on rank 0")
-    tensorboard: bool = opt(False, "write TensorBoard event files into the run dir")
-    wandb: bool = opt(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
-    wandb_project: str = opt("distrain", "wandb project name")
+    trackers: list[str] = opt(
+        [], "experiment trackers through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+        "swanlab, trackio"
+    )
+    tensorboard: bool = opt(False, "write TensorBoard event files into the run dir (same as trackers=[tensorboard])")
+    wandb: bool = opt(False, "log to Weights & Biases (same as trackers=[wandb])")
+    wandb_project: str | None = opt(None, "wandb project; unset: $WANDB_PROJECT, else distrain")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = opt(
-        "auto", "wandb mode; auto is online with an API key and offline without"
+        "auto", "wandb mode; auto: $WANDB_MODE if set, else online with an API key (WANDB_API_KEY or wandb login's "
+        "~/.netrc) and offline without"
+    )
+    mlflow_tracking_uri: str | None = opt(
+        None, "MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a SQLite store in the run dir (mlflow/)"
     )
     save_rank_weights: bool = opt(False, "debug: every rank writes its final local weights (rank_<r>.safetensors)")
     flops: bool | None = opt(

@@ -32,7 +32,7 @@ from distrain.fault_points import EVAL_STAGE, fault_point
 from distrain.observe.log import held_records, setup_logging
 from distrain.observe.metrics import MetricsLogger, peak_memory_mb, slurm_info
 from distrain.observe.throughput import count_flops, mfu, peak_flops
-from distrain.observe.trackers import init_trackers
+from distrain.observe.trackers import init_trackers, requested_trackers
 from distrain.parallel import meta_init
 from distrain.parallel.base import Backend, count_params
 from distrain.parallel.launch import build_accelerator, configure_torch, resolve_plan
@@ -63,6 +63,7 @@ class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
         self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
+        requested_trackers(cfg.log)  # an unknown or uninstalled tracker stops here, before anything is written
         self.accelerator = build_accelerator(cfg, self.parallel)
         # accelerate's autocast() builds a context every call; fp32 needs none
         self._autocast = self.accelerator.autocast if cfg.precision != "no" else contextlib.nullcontext
