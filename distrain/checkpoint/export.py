@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,12 +28,14 @@ from safetensors.torch import load_file
 
 from distrain import checkpoint
 from distrain.checkpoint import load as checkpoint_load
+from distrain.checkpoint.hf import HF_FILES, build_on_meta, write_hf_files
 from distrain.checkpoint.weights import save_text, save_weights
 from distrain.cli import command
 from distrain.config import Config, apply_dict
 from distrain.errors import ConfigError
 from distrain.recipe import INFO_KEY
 
+log = logging.getLogger("distrain")
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what _export names its shards
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -60,9 +63,13 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None) -> Path:
-    """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`."""
-    return _export(*checkpoint.resolve(source), out, max_shard_size, source)  # resolve verifies the checksums
+def export(source: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | None = None,
+           trust_recipe: bool = False) -> Path:  # fmt: skip
+    """Write the consolidated model of a run's newest good checkpoint (or the given one) to `out`.
+    For a transformers model also config.json (+ generation_config.json), which needs the recipe's
+    model class: a recipe file outside recipes/ is imported for that only with `trust_recipe=True`."""
+    ckpt, index = checkpoint.resolve(source)  # verifies the checksums
+    return _export(ckpt, index, out, max_shard_size, source, trust_recipe)
 
 
 def check_out(out: Path, source: str | os.PathLike, ckpt: Path) -> None:
@@ -85,7 +92,7 @@ def check_out(out: Path, source: str | os.PathLike, ckpt: Path) -> None:
 
 
 def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard_size: int | None,
-            source: str | os.PathLike | None = None) -> Path:  # fmt: skip
+            source: str | os.PathLike | None = None, trust_recipe: bool = False) -> Path:  # fmt: skip
     out = Path(out)
     check_out(out, source if source is not None else ckpt, ckpt)
     state = checkpoint_load.full_model_state(ckpt, index)
@@ -95,7 +102,8 @@ def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard
         raise ConfigError(f"--out {out} cannot be created: {e.strerror or e}") from None
     # Never mix old and new files, and never touch a file of another name (a user's model_v1.safetensors).
     for old in out.iterdir():
-        if old.is_file() and (old.name in ("model.safetensors", INDEX_NAME) or SHARD_NAME.fullmatch(old.name)):
+        if old.is_file() and (old.name in ("model.safetensors", INDEX_NAME, *HF_FILES)
+                              or SHARD_NAME.fullmatch(old.name)):  # fmt: skip
             old.unlink(missing_ok=True)
     trainer_state = checkpoint.read_json(ckpt / checkpoint.STATE)
     step = str(trainer_state.get("step", ""))
@@ -115,7 +123,29 @@ def _export(ckpt: Path, index: dict[str, Any], out: str | os.PathLike, max_shard
         index = {"metadata": {"total_size": total, "step": step}, "weight_map": weight_map}
         save_text(out / INDEX_NAME, json.dumps(index, indent=1))
     shutil.copyfile(ckpt / checkpoint.CONFIG, out / "config.yaml")
+    _write_hf_files(ckpt, out, set(state), trust_recipe)
     return out
+
+
+def _write_hf_files(ckpt: Path, out: Path, keys: set[str], trust_recipe: bool) -> None:
+    """config.json (+ generation_config.json) when the recipe's model is a transformers model."""
+    from distrain.recipe import is_builtin_recipe
+
+    cfg_dict = yaml.safe_load((ckpt / checkpoint.CONFIG).read_text()) or {}
+    name = str(cfg_dict.get("recipe", ""))
+    if not (trust_recipe or is_builtin_recipe(name)):
+        log.info("recipe %s is a file outside recipes/: no config.json without trust_recipe=True", name)
+        return
+    if saved_info(ckpt) is None:  # an older distrain's checkpoint: building the model would read the data
+        return
+    recipe, cfg = _saved_recipe(ckpt, trust_recipe)
+    model = build_on_meta(_bind(recipe, cfg, ckpt).build_model)
+    try:
+        written = write_hf_files(model, out, keys)
+    except ValueError as e:
+        raise ConfigError(f"{ckpt}: cannot write the Hugging Face files: {e}") from None
+    if written:
+        log.info("wrote %s: the folder loads with transformers' from_pretrained", ", ".join(written))
 
 
 def load_weights_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -141,26 +171,38 @@ def load_model(path: str | os.PathLike, trust_recipe: bool = False) -> torch.nn.
     info the folder holds (the weights' metadata, or a checkpoint's trainer_state.json); for a
     folder saved without it (by an older distrain) build_datasets runs, so reads the data.
     """
-    from distrain.recipe import check_saved_recipe, load_recipe
-
     path, index = Path(path), None
     if not (path / "config.yaml").is_file():  # a run dir: its newest good checkpoint
         path, index = checkpoint.resolve(path)
-    cfg_dict = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    name = str(cfg_dict.pop("recipe", ""))
-    recipe = load_recipe(check_saved_recipe(name, path / "config.yaml", trust_recipe, "trust_recipe=True"))
-    cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
-    apply_dict(cfg, cfg_dict)
+    recipe, cfg = _saved_recipe(path, trust_recipe)
     # Loading the weights verifies a checkpoint's checksums, trainer_state.json's too, before saved_info reads it.
     state = load_weights_dir(path) if index is None else checkpoint_load.full_model_state(path, index)
-    info = saved_info(path)
-    model = recipe.bind(cfg, recipe.load_datasets(cfg).info if info is None else info).build_model()
+    model = _bind(recipe, cfg, path).build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
             f"{path} does not fit recipe {recipe.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.eval()
+
+
+def _saved_recipe(path: Path, trust_recipe: bool) -> tuple[Any, Config]:
+    """The recipe `<path>/config.yaml` names (refused if untrusted) and that config."""
+    from distrain.recipe import check_saved_recipe, load_recipe
+
+    cfg_dict = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    name = str(cfg_dict.pop("recipe", ""))
+    recipe = load_recipe(check_saved_recipe(name, path / "config.yaml", trust_recipe, "trust_recipe=True"))
+    cfg = Config(recipe=recipe.name, data=recipe.data_config(), model=recipe.model_config())
+    apply_dict(cfg, cfg_dict)
+    return recipe, cfg
+
+
+def _bind(recipe: Any, cfg: Config, path: Path) -> Any:
+    """The recipe bound to the info the folder holds (build_datasets runs only for a folder an
+    older distrain saved without it)."""
+    info = saved_info(path)
+    return recipe.bind(cfg, recipe.load_datasets(cfg).info if info is None else info)
 
 
 def saved_info(path: Path) -> dict[str, Any] | None:
@@ -217,6 +259,6 @@ def main(argv: list[str]) -> int:
     size = parse_size(args.max_shard_size) if args.max_shard_size else None
     ckpt, index = checkpoint.resolve(args.source)
     _check_recipe(ckpt, args.trust_recipe)
-    out = _export(ckpt, index, args.out, size, args.source)
+    out = _export(ckpt, index, args.out, size, args.source, trust_recipe=args.trust_recipe)
     print(f"exported {ckpt} -> {out}")
     return 0
