@@ -164,6 +164,7 @@ def test_gather_keeps_uniform_outputs_one_tensor():
         gather_outputs([{"a": torch.ones(1)}, {"b": torch.ones(1)}], valid, 1, "x")
 
 
+@pytest.mark.multiproc
 def test_two_ranks_accumulation_and_uneven_evaluation(tmp_path):
     """2-process DDP, 2 micro-batches a rank, all with unequal label counts: the update is one big batch's
     token-mean gradient; evaluation of 13 samples over 2 ranks equals the whole split in one process."""
@@ -179,6 +180,8 @@ def test_two_ranks_accumulation_and_uneven_evaluation(tmp_path):
     terms = [json.loads((out / f"rank{r}.json").read_text())["terms"] for r in range(2)]
     assert len({t for rank in terms for t in rank}) > 1, terms  # unequal counts across micro-batches and ranks
     assert sum(terms[0]) != sum(terms[1]), terms
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert all(e and "terms per sample" in e for e in errors), errors  # both ranks, not only the odd one
     res = json.loads((out / "result.json").read_text())
     recipe = load_recipe(RECIPE)
     cfg, _ = resolve_config([f"recipe={RECIPE}"])
