@@ -6,7 +6,7 @@ A recipe is a Python module that defines:
     DataConfig                          a dataclass subclassing distrain.DataConfig (the `data.*` keys)
     build_datasets(cfg)                 -> Splits(train, val, test=None, info={})
     build_model(cfg, info)              -> torch.nn.Module
-    step(cfg, info, model, batch)       -> StepOutput(loss=<per-sample losses>, preds=..., targets=...)
+    step(cfg, info, model, batch)       -> StepOutput(loss=<unreduced losses [B, ...]>, preds=..., targets=...)
     metrics(cfg, info, preds, targets)  -> dict[str, float]     evaluation metrics
 
 One rule for the arguments: every function gets the run's `cfg` first, and every function
@@ -16,14 +16,50 @@ names FSDP wraps one by one and may checkpoint activations for, or a function
 `(cfg, info, model)` returning them), `validate(cfg)` (raise ConfigError on bad settings),
 `report(cfg, info, run_dir, split, preds, targets)` (plots and tables written at the end) and
 `tokens(cfg, info, batch) -> int` (tokens in a micro-batch, for tokens/s; keep it cheap, no
-device sync). Defaults for any key live in `<recipe>.yaml` beside the module. The module
-docstring's first line is the recipe's one-line description.
+device sync), `loss_terms(cfg, info, batch)` and `collate(cfg, info, samples)` (below). Defaults
+for any key live in `<recipe>.yaml` beside the module. The module docstring's first line is the
+recipe's one-line description.
 
 Each function's parameters are checked against the contract when the recipe loads, and what
 they return on every call (a ConfigError naming the recipe: a step's loss, preds and targets
 have one row per sample); before anything is written distrain calls step and metrics once on
 a few validation samples in eval mode (distrain.train.preflight), so a metrics function that
 counts its calls sees one call more than there are evaluations.
+
+Loss normalisation. `StepOutput.loss` holds unreduced loss terms of shape [B, ...]: one per sample
+([B]) or one per token ([B, T]), and `StepOutput.mask` (optional, bool, the loss's shape) says which
+terms count. The loss of an optimizer step is the sum of the counted terms over all its
+micro-batches and ranks divided by the global number of counted terms, so the gradient is the
+big batch's, however the batch is split and however many terms each part has (torchtitan's
+global token count, HF Trainer's num_items_in_batch). The count must be known before the first
+backward, so it comes from the batch, not from the step's outputs:
+
+- `loss_terms(cfg, info, batch)` given: it returns the micro-batch's number of counted terms (an
+  int, or a 0-dim tensor on the batch's device, which avoids a device sync), e.g.
+  `(batch["labels"] != -100).sum()`; the counts of this rank's micro-batches are summed and
+  all-reduced once per step before the first forward. At the step's end distrain checks that the
+  step's outputs counted as many terms (mask.sum(), or loss.numel() without a mask): a
+  contradiction stops the run with a ConfigError before the optimizer step. A `mask` needs it.
+- no `loss_terms`: every term counts and a sample has the same number of terms in every
+  micro-batch of a step on every rank, read from the first micro-batch's loss shape (agreed
+  across ranks by one all-reduce when the loss is not per-sample); the count is the step's sample
+  count times it. A per-sample loss [B] is divided by the global sample count, as always.
+
+Evaluation reports `loss` as the same mean: counted terms summed over the split over their count.
+
+Collate. `collate(cfg, info, samples) -> batch` (optional) builds every training and evaluation
+batch from a list of samples, `dataset[i]` for each index of the micro-batch in order, fetched one
+by one (the dataset's vectorised `__getitems__` is not used): dynamic padding, or dropping string
+columns. Without it a dataset with `__getitems__` gives its batch directly, else torch's default
+collate stacks the samples.
+
+Evaluation outputs. `preds` and `targets` are tensors whose first dimension is the sample, or dicts
+of such tensors (name -> tensor). They are gathered over batches and ranks, each sample of the
+split once, in split order. When every batch's rows have the same shape, `metrics` and `report`
+get one tensor [N, ...] per output; when the shapes differ between batches (a [B, T_batch] output
+under dynamic padding), they get a list of N tensors instead, sample i's row as its batch returned
+it (its batch's padding included), so nothing is padded by distrain that a metric could mistake
+for data. A dict gets its keys handled one by one.
 
 Under FSDP2 build_model runs on the meta device with its tensor operations recorded, and each rank
 replays them for its own shards (distrain.parallel.meta_init): the initial weights are the eager
@@ -35,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import inspect
 import json
@@ -61,14 +98,17 @@ RECIPES_DIR = (Path(__file__).resolve().parent / "recipes").resolve()
 class StepOutput:
     """What a recipe's step returns.
 
-    `loss` holds unreduced per-sample (or per-token) losses: distrain sums them and divides
-    by the number of samples of the whole optimizer step across micro-batches and ranks, so
-    accumulation and uneven batches give exactly the big-batch gradient.
+    `loss` holds unreduced loss terms [B, ...] (per sample, or per token [B, T]) and `mask` (optional,
+    bool, loss's shape; it needs the recipe's loss_terms) which of them count: distrain sums the
+    counted terms and divides by their number over the whole optimizer step across micro-batches
+    and ranks (the module docstring), so accumulation and uneven batches give exactly the
+    big-batch gradient. `preds` and `targets`: tensors [B, ...] or dicts of them, for metrics.
     """
 
     loss: torch.Tensor
-    preds: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    preds: torch.Tensor | dict[str, torch.Tensor] | None = None
+    targets: torch.Tensor | dict[str, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,6 +137,8 @@ CONTRACT = {
     "metrics": ("cfg", "info", "preds", "targets"),
     "report": ("cfg", "info", "run_dir", "split", "preds", "targets"),
     "tokens": ("cfg", "info", "batch"),
+    "loss_terms": ("cfg", "info", "batch"),
+    "collate": ("cfg", "info", "samples"),
     "SHARD_BLOCKS": ("cfg", "info", "model"),
 }
 
@@ -122,6 +164,8 @@ class Recipe:
     validate: Callable[[Config], None] | None = None
     report: Callable[..., None] | None = None
     tokens: Callable[[Config, dict[str, Any], Any], int] | None = None
+    loss_terms: Callable[[Config, dict[str, Any], Any], int | torch.Tensor] | None = None
+    collate: Callable[[Config, dict[str, Any], list[Any]], Any] | None = None
 
     def load_datasets(self, cfg: Config) -> Splits:
         """build_datasets(cfg), checked: a Splits whose info holds JSON values (see check_splits)."""
@@ -132,13 +176,13 @@ class Recipe:
         and what each returns checked (one ConfigError line naming the recipe)."""
         where = f"recipe={cfg.recipe}"
         build_model, step, metrics, report, tokens = self.build_model, self.step, self.metrics, self.report, self.tokens
-        blocks = self.shard_blocks
+        blocks, loss_terms, collate = self.shard_blocks, self.loss_terms, self.collate
 
         def checked_build_model() -> torch.nn.Module:
             return check_model(build_model(cfg, info), where)
 
         def checked_step(model: torch.nn.Module, batch: Any) -> StepOutput:
-            return check_step_output(step(cfg, info, model, batch), batch, where)
+            return check_step_output(step(cfg, info, model, batch), batch, where, loss_terms is not None)
 
         def checked_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
             return check_metrics(metrics(cfg, info, preds, targets), where)
@@ -157,6 +201,9 @@ class Recipe:
             shard_blocks=shard_blocks,
             report=None if report is None else lambda run_dir, split, p, y: report(cfg, info, run_dir, split, p, y),
             tokens=None if tokens is None else lambda batch: tokens(cfg, info, batch),
+            loss_terms=None if loss_terms is None else lambda batch: loss_terms(cfg, info, batch),
+            # a partial, not a lambda: DataLoader workers may need to pickle it
+            collate=None if collate is None else functools.partial(collate, cfg, info),
         )
 
 
@@ -174,6 +221,8 @@ class BoundRecipe:
     shard_blocks: Callable[[torch.nn.Module], tuple[str, ...]]
     report: Callable[[Path, str, torch.Tensor, torch.Tensor], None] | None = None
     tokens: Callable[[Any], int] | None = None
+    loss_terms: Callable[[Any], int | torch.Tensor] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
 
     def weights_metadata(self) -> dict[str, str]:
         """safetensors metadata for this run's weights files: the info, so load_model reads no data."""
@@ -243,8 +292,10 @@ def check_model(model: Any, where: str) -> torch.nn.Module:
     return model
 
 
-def check_step_output(out: Any, batch: Any, where: str) -> StepOutput:
-    """step's result: a StepOutput whose loss (and preds/targets) hold one row per sample of the batch.
+def check_step_output(out: Any, batch: Any, where: str, loss_terms: bool = False) -> StepOutput:
+    """step's result: a StepOutput whose loss, mask, preds and targets hold one row per sample of the batch
+    (preds and targets may be dicts of such tensors); a mask is bool, the loss's shape, and needs
+    the recipe's loss_terms (`loss_terms`: whether it has one).
 
     A loss reduced over the batch (a scalar, or shape [1] for B > 1) would be summed as one
     sample's loss and give 1/B of the intended gradient, so it is refused, not averaged.
@@ -258,18 +309,35 @@ def check_step_output(out: Any, batch: Any, where: str) -> StepOutput:
     except (TypeError, StopIteration, IndexError, KeyError):  # a batch type without a leading sample dimension
         n = None
     b = "B" if n is None else str(n)
-    for name in ("loss", "preds", "targets"):
+    for name in ("loss", "mask", "preds", "targets"):
         value = getattr(out, name)
         if value is None and name != "loss":
             continue
-        if not torch.is_tensor(value):
-            raise ConfigError(f"{where}: step returned StepOutput.{name} of type {type(value).__name__}, not a tensor")
-        how = f"one row per sample, shape [{b}] or [{b}, ...]" + (" (reduction='none')" if name == "loss" else "")
-        if value.ndim == 0:
-            raise ConfigError(f"{where}: step returned a scalar {name}; it needs {how}")
-        if n is not None and value.shape[0] != n:
-            got = f"{name} of shape {list(value.shape)}"
-            raise ConfigError(f"{where}: step returned {got} for a batch of {n}; it needs {how}")
+        items = value.items() if isinstance(value, dict) and name in ("preds", "targets") else [(None, value)]
+        for key, item in items:
+            label = name if key is None else f"{name}[{key!r}]"
+            if not torch.is_tensor(item):
+                kinds = "a tensor or a dict of tensors" if name in ("preds", "targets") else "a tensor"
+                got = type(item).__name__
+                raise ConfigError(f"{where}: step returned StepOutput.{label} of type {got}, not {kinds}")
+            how = f"one row per sample, shape [{b}] or [{b}, ...]" + (" (reduction='none')" if name == "loss" else "")
+            if item.ndim == 0:
+                raise ConfigError(f"{where}: step returned a scalar {label}; it needs {how}")
+            if n is not None and item.shape[0] != n:
+                got = f"{label} of shape {list(item.shape)}"
+                raise ConfigError(f"{where}: step returned {got} for a batch of {n}; it needs {how}")
+    if out.mask is not None:
+        if out.mask.dtype != torch.bool or out.mask.shape != out.loss.shape:
+            raise ConfigError(
+                f"{where}: step returned StepOutput.mask of dtype {out.mask.dtype} and shape {list(out.mask.shape)}; "
+                f"it must be bool, the loss's shape {list(out.loss.shape)}"
+            )
+        if not loss_terms:
+            raise ConfigError(
+                f"{where}: step returned StepOutput.mask but the recipe defines no loss_terms(cfg, info, batch); "
+                "the step's count of counted terms is needed before the backward: define it to return the "
+                "micro-batch's count (e.g. (batch['labels'] != -100).sum())"
+            )
     return out
 
 
@@ -362,8 +430,8 @@ def load_recipe(name: str) -> Recipe:
     if not (isinstance(module.ModelConfig, type) and dataclasses.is_dataclass(module.ModelConfig)):
         raise ConfigError(f"recipe={name}: ModelConfig must be a dataclass")
     not_callable = [f for f in ("build_model", "build_datasets", "step", "metrics") if not callable(getattr(module, f))]
-    not_callable += [f for f in ("validate", "report", "tokens") if getattr(module, f, None) is not None
-                     and not callable(getattr(module, f))]  # fmt: skip
+    optional = ("validate", "report", "tokens", "loss_terms", "collate")
+    not_callable += [f for f in optional if getattr(module, f, None) is not None and not callable(getattr(module, f))]
     if not_callable:
         raise ConfigError(f"recipe={name}: {', '.join(not_callable)} must be callable")
     where = f"recipe={name}"
@@ -391,6 +459,8 @@ def load_recipe(name: str) -> Recipe:
         validate=getattr(module, "validate", None),
         report=getattr(module, "report", None),
         tokens=getattr(module, "tokens", None),
+        loss_terms=getattr(module, "loss_terms", None),
+        collate=getattr(module, "collate", None),
     )
 
 

@@ -80,8 +80,9 @@ class Backend(abc.ABC):
         """LaunchError unless the prepared model is wrapped as this backend promises (no silent fallback)."""
 
     # -- stepping
-    def loss_factor(self, global_count: int) -> float:
-        """Factor for the summed per-sample losses; every backend averages gradients over ranks."""
+    def loss_factor(self, global_count: int | torch.Tensor) -> float | torch.Tensor:
+        """Factor for the summed loss terms, from the step's global count of them (an int, or a tensor
+        on the device when counted there); every backend averages gradients over ranks."""
         return self.world_size / global_count
 
     @abc.abstractmethod

@@ -31,9 +31,12 @@ class AutoBatch:
     note: str  # how it was found, for the plan
 
 
-def sample_batch(dataset: Any, size: int) -> Any:
-    """The first `size` samples (cycled when the dataset is smaller), batched like the loader does."""
+def sample_batch(dataset: Any, size: int, collate: Callable[[list[Any]], Any] | None = None) -> Any:
+    """The first `size` samples (cycled when the dataset is smaller), batched like the loader does
+    (by the recipe's `collate` when it has one)."""
     indices = [i % len(dataset) for i in range(size)]
+    if collate is not None:
+        return collate([dataset[i] for i in indices])
     if hasattr(dataset, "__getitems__"):
         return dataset.__getitems__(indices)
     return torch.utils.data.default_collate([dataset[i] for i in indices])
@@ -153,6 +156,7 @@ def _search(model: torch.nn.Module, cfg: Config, recipe: Any, dataset: Any, devi
     from distrain.train.optim import build_optimizer
 
     model.train()
+    collate = getattr(recipe, "collate", None)
 
     def loss_fn(batch: Any) -> torch.Tensor:
         with autocast():
@@ -163,7 +167,7 @@ def _search(model: torch.nn.Module, cfg: Config, recipe: Any, dataset: Any, devi
 
         def fits(size: int) -> bool:
             try:
-                loss_fn(move_to(sample_batch(dataset, size), device)).backward()
+                loss_fn(move_to(sample_batch(dataset, size, collate), device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize(device)
@@ -179,7 +183,7 @@ def _search(model: torch.nn.Module, cfg: Config, recipe: Any, dataset: Any, devi
     needed: dict[int, int] = {}
 
     def fits(size: int) -> bool:
-        needed[size] = cpu_step_bytes(model, loss_fn, sample_batch(dataset, size), slots)
+        needed[size] = cpu_step_bytes(model, loss_fn, sample_batch(dataset, size, collate), slots)
         return needed[size] <= budget * MiB
 
     found = largest_fitting(fits, cap, halving=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,22 @@ class SeededFetch(Dataset):
             seed_global(seed)
         getitems = getattr(self.dataset, "__getitems__", None)
         return getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+
+
+class PerSample(Dataset):
+    """A dataset fetched sample by sample, `[dataset[i] for i in indices]`, for the recipe's collate."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        return [self.dataset[i] for i in indices]
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -238,10 +254,14 @@ class EvalBatchSampler(Sampler):
         return torch.arange(self.per_rank * self.world_size) < self.num_samples
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, kwargs: dict[str, Any], seed: int | None = None) -> DataLoader:
+def build_loader(dataset: Dataset, sampler: Sampler, kwargs: dict[str, Any], seed: int | None = None,
+                 collate: Callable[[list[Any]], Any] | None = None) -> DataLoader:  # fmt: skip
     """A DataLoader over `sampler`'s index lists. With `seed` (training), batches are fetched under
     seeded RNGs (SeededFetch; in-memory columns draw nothing and need none) and the loader's own
-    draws (worker base seeds) come from a generator of its own, not from the global RNG."""
+    draws (worker base seeds) come from a generator of its own, not from the global RNG. With
+    `collate` (the recipe's), samples are fetched one by one and it makes the batch."""
+    if collate is not None:
+        dataset, kwargs = PerSample(dataset), {**kwargs, "collate_fn": collate}
     if seed is None:
         return DataLoader(dataset, batch_sampler=sampler, **kwargs)
     generator = torch.Generator().manual_seed(seed)

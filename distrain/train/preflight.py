@@ -40,13 +40,14 @@ def dry_run(trainer: Any) -> None:
         raise ConfigError(f"{where}: the validation split is empty; evaluation and train.metric need samples")
     n = min(SAMPLES, len(dataset))
     with _rng_kept(trainer.device):
-        batch = move_to(sample_batch(dataset, n), trainer.device)
+        batch = move_to(sample_batch(dataset, n, recipe.collate), trainer.device)
         out = _forward(trainer, batch, where, n)
-    check_step_output(out, batch, where)
+    check_step_output(out, batch, where, recipe.loss_terms is not None)
     values: dict[str, Any] = {"loss": float(out.loss.detach().float().mean())}
     if out.preds is not None and out.targets is not None:
         try:
-            values.update(check_metrics(recipe.metrics(out.preds.cpu(), out.targets.cpu()), where))
+            cpu = torch.device("cpu")  # preds and targets may be dicts of tensors
+            values.update(check_metrics(recipe.metrics(move_to(out.preds, cpu), move_to(out.targets, cpu)), where))
         except ConfigError:
             raise
         except Exception as e:  # a bug in the recipe's metrics: one line with its file and line

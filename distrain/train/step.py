@@ -28,8 +28,10 @@ class EvalResult:
     """What evaluate returns: the loss and the recipe's metrics, and what they were computed from."""
 
     metrics: dict[str, Any]  # "loss" and the recipe's metrics
-    preds: torch.Tensor | None  # every sample's prediction once, gathered from all ranks (None: none returned)
-    targets: torch.Tensor | None
+    # every sample's prediction once, gathered from all ranks (None: none returned): a tensor [N, ...], a
+    # list of N per-sample tensors when row shapes differ between batches, or a dict of these
+    preds: Any
+    targets: Any
 
 
 @dataclass

@@ -4,9 +4,10 @@ trainer's checkpointed state (state_dict / load_state_dict).
 The run's life around the loop (run dir, config.yaml, final weights, test split, summary) is
 distrain.train.lifecycle's; saving and resuming is the CheckpointManager's (distrain.checkpoint.
 manager). Nothing here depends on the backend: the Backend object owns wrapping, sync, backward,
-clipping and the optimizer step. The loss of an optimizer step is the sum of per-sample
-losses over all its micro-batches and ranks divided by the global sample count, so the
-gradient equals the big-batch gradient whatever the accumulation, world size or batch sizes.
+clipping and the optimizer step. The loss of an optimizer step is the sum of its counted loss
+terms (per sample, or per token) over all its micro-batches and ranks divided by their global
+count, so the gradient equals the big-batch gradient whatever the accumulation, world size or
+batch sizes (distrain.recipe's docstring says where the count comes from).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from distrain.train.data import (
     loader_kwargs,
     move_to,
 )
+from distrain.train.gather import gather_outputs
 from distrain.train.optim import build_optimizer, build_scheduler, effective_lr
 from distrain.train.rng import seed_step
 from distrain.train.signals import InterruptFlag
@@ -128,6 +130,7 @@ class Trainer:
             self.train_sampler,
             loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
             seed=cfg.train.seed,
+            collate=self.recipe.collate,
         )
         self.non_blocking = on_cuda
         count = cfg.log.flops if cfg.log.flops is not None else on_cuda
@@ -278,10 +281,24 @@ class Trainer:
             return self.recipe.step(self.model, batch)
 
     def train_step(self, micro_batches: list[Any], global_count: int) -> StepResult:
-        """One optimizer step over this rank's micro-batches, numbered self.state.step."""
+        """One optimizer step over this rank's micro-batches, numbered self.state.step; `global_count`
+        is the step's sample count over all ranks. The loss is the counted terms' sum over the
+        global count of counted terms (distrain.recipe's docstring: loss normalisation)."""
         # Dropout and any randomness of the recipe's step: a pure function of (seed, rank, step).
         seed_step(self.cfg.train.seed, self.rank, self.state.step, self.device)
-        factor = self.backend.loss_factor(global_count)
+        # The denominator: the global sample count (a per-sample loss), or a device tensor holding the
+        # global count of loss terms, from loss_terms before the first forward or, without it, from
+        # the first micro-batch's terms per sample.
+        denominator: int | torch.Tensor = global_count
+        terms_local: torch.Tensor | None = None  # this rank's count by loss_terms
+        counted: torch.Tensor | None = None  # ... and by the step's outputs, checked against it
+        agreed_check: torch.Tensor | None = None  # nonzero: the ranks' terms per sample differ
+        per_sample, shape_mismatch = 1, 0
+        if self.recipe.loss_terms is not None:
+            terms_local = self._count_loss_terms(micro_batches)
+            # one all-reduce before any backward; a step without counted terms has loss and gradient 0
+            denominator = self._all_reduce_sum(terms_local.clone()).clamp(min=1)
+        factor = self.backend.loss_factor(denominator)
         loss_sum: torch.Tensor | None = None
         tokens = 0
         for i, batch in enumerate(micro_batches):
@@ -291,7 +308,20 @@ class Trainer:
                 count_flops() if counting else contextlib.nullcontext() as flops,
             ):
                 out = self.forward(batch)
-                batch_sum = out.loss.float().sum()  # one reduction for the backward and the logged loss alike
+                loss = out.loss.float()
+                if out.mask is not None:  # where, not a product: a masked-out inf or nan stays out
+                    loss = torch.where(out.mask, loss, 0.0)
+                if terms_local is not None:
+                    n = out.mask.sum() if out.mask is not None else torch.tensor(loss.numel(), device=loss.device)
+                    counted = n if counted is None else counted + n
+                else:
+                    terms = loss[0].numel() if loss.ndim > 1 else 1
+                    if i == 0 and loss.ndim > 1:
+                        per_sample = terms
+                        denominator, agreed_check = self._agreed_terms(global_count, terms)
+                        factor = self.backend.loss_factor(denominator)
+                    shape_mismatch += terms != per_sample
+                batch_sum = loss.sum()  # one reduction for the backward and the logged loss alike
                 self.backend.backward(batch_sum * factor)
             if counting:
                 self.flops_per_sample = flops() / batch_size_of(batch)
@@ -301,15 +331,25 @@ class Trainer:
                 tokens += int(self.recipe.tokens(batch))
         assert loss_sum is not None
         flag = float(self.interrupt.poll() > 0)
+        check: torch.Tensor | None = None  # nonzero: the outputs contradict the count the step was divided by
+        if terms_local is not None and counted is not None:
+            check = (terms_local - counted).abs().float()
+        elif agreed_check is not None:
+            check = agreed_check
         if self.world_size > 1:
-            # One small all-reduce per step: the global loss, the interrupt flag and the token count,
-            # so all ranks agree on skipping a non-finite step and on stopping.
-            packed = torch.cat([loss_sum[None], torch.tensor([flag, float(tokens)], device=self.device)])
-            packed = self._all_reduce_sum(packed)
+            # One small all-reduce per step: the global loss, the interrupt flag, the token count and
+            # the loss-term checks, so all ranks agree on skipping a non-finite step, on stopping and
+            # on a recipe whose outputs contradict the count.
+            parts = [loss_sum[None], torch.tensor([flag, float(tokens), float(shape_mismatch)], device=self.device)]
+            packed = self._all_reduce_sum(torch.cat(parts + ([check[None]] if check is not None else [])))
             loss_sum, flag, tokens = packed[0], float(packed[1]), int(packed[2])
+            shape_mismatch = int(packed[3])
+            check = packed[4] if check is not None else None
+        if shape_mismatch or (check is not None and float(check) != 0):
+            raise ConfigError(self._terms_contradiction(terms_local is not None, check))
         # The loss's one host read (a sync: it waits for the backward on CUDA, so the time split is
         # real), made before the optimizer's kernels are queued: a read after them would wait for them too.
-        loss = (loss_sum / global_count).cpu()
+        loss = (loss_sum / denominator).cpu()
         loss_finite = math.isfinite(float(loss))
         backward_done = time.perf_counter()
         grad_norm, applied = self.backend.step(self.model, self.optimizer, self.cfg.train.clip_norm, loss_finite)
@@ -317,6 +357,40 @@ class Trainer:
         return StepResult(loss=loss, grad_norm=float(grad_norm), applied=applied, loss_finite=loss_finite,
                           interrupt=interrupt, tokens=tokens if self.recipe.tokens is not None else 0,
                           backward_done=backward_done)  # fmt: skip
+
+    def _count_loss_terms(self, micro_batches: list[Any]) -> torch.Tensor:
+        """This rank's count of counted loss terms over its micro-batches, by the recipe's loss_terms."""
+        assert self.recipe.loss_terms is not None
+        counts = []
+        for batch in micro_batches:
+            n = self.recipe.loss_terms(batch)
+            integral = torch.is_tensor(n) and n.numel() == 1 and not (n.is_floating_point() or n.is_complex())
+            if not (integral or (isinstance(n, int) and not isinstance(n, bool))):
+                what = f"a tensor of shape {list(n.shape)} and dtype {n.dtype}" if torch.is_tensor(n) else repr(n)
+                raise ConfigError(f"recipe={self.cfg.recipe}: loss_terms(cfg, info, batch) returned {what}; it "
+                                  "must be the micro-batch's count of counted loss terms, an int or a 0-dim "
+                                  "integer tensor")  # fmt: skip
+            counts.append(torch.as_tensor(n, device=self.device).reshape(()).to(torch.int64))
+        return torch.stack(counts).sum()
+
+    def _agreed_terms(self, global_count: int, terms: int) -> tuple[int | torch.Tensor, torch.Tensor | None]:
+        """Without loss_terms, the step's count of terms: samples x terms per sample, the most any rank's
+        first micro-batch has (one all-reduce, no host read), and a tensor that is nonzero when the
+        ranks' terms per sample differ (checked at the step's end)."""
+        if self.world_size == 1:
+            return global_count * terms, None
+        both = self._all_reduce_max(torch.tensor([terms, -terms], device=self.device, dtype=torch.int64))
+        return global_count * both[0], (both[0] + both[1]).float()
+
+    def _terms_contradiction(self, by_hook: bool, check: torch.Tensor | None) -> str:
+        where = f"recipe={self.cfg.recipe}"
+        if by_hook:
+            return (f"{where}: at step {self.state.step} the step's outputs (StepOutput.mask.sum(), or loss.numel() "
+                    f"without a mask) differ from loss_terms(cfg, info, batch) by {int(float(check or 0))} terms over "
+                    "the micro-batches and ranks; loss_terms must count exactly the terms the mask keeps")  # fmt: skip
+        return (f"{where}: at step {self.state.step} the loss's terms per sample (its shape [B, ...]) differ between "
+                "micro-batches or ranks; without loss_terms(cfg, info, batch) every micro-batch of a step needs the "
+                "same number, or define loss_terms to count them from the batch")  # fmt: skip
 
     def _agreed_exit_code(self) -> int:
         """The highest of the ranks' own exit codes (0: no rank was interrupted), so a signal to one
@@ -339,34 +413,41 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:
-        """Loss and the recipe's metrics on a split, each sample counted exactly once across ranks."""
+        """Loss (the counted terms' mean) and the recipe's metrics on a split, each sample counted exactly
+        once across ranks; preds and targets as distrain.train.gather gives them."""
         dataset = self.datasets[split]
         bs = self.cfg.data.eval_batch_size or 2 * self.plan.micro_batch
         sampler = EvalBatchSampler(len(dataset), bs, self.world_size, self.rank)
-        loader = build_loader(dataset, sampler, loader_kwargs(self.cfg.data, dataset, self.world_size, False))
+        kwargs = loader_kwargs(self.cfg.data, dataset, self.world_size, False)
+        loader = build_loader(dataset, sampler, kwargs, collate=self.recipe.collate)
         self.model.eval()
-        losses, preds, targets = [], [], []
+        sums, counts, preds, targets = [], [], [], []
         for batch in loader:
             out = self.forward(move_to(batch, self.device, self.non_blocking))
-            losses.append(out.loss.float())
+            loss = out.loss.float()
+            if out.mask is not None:
+                loss = torch.where(out.mask, loss, 0.0)
+            per_sample = loss.reshape(len(loss), -1)
+            sums.append(per_sample.sum(1))  # a per-sample loss [B]: the loss itself, so the mean is as it was
+            kept = out.mask.reshape(len(loss), -1).sum(1) if out.mask is not None else None
+            counts.append(kept.float() if kept is not None else loss.new_full((len(loss),), per_sample.shape[1]))
             if out.preds is not None:
                 preds.append(out.preds)
             if out.targets is not None:
                 targets.append(out.targets)
         self.model.train()
         self.backend.after_forward_only(self.model)
-        mask = sampler.gathered_mask()
+        mask, where = sampler.gathered_mask(), f"recipe={self.cfg.recipe}"
 
-        def gather(parts: list[torch.Tensor]) -> torch.Tensor | None:
-            if not parts:
-                return None
-            local = torch.cat(parts)
-            full = self.accelerator.gather(local.contiguous()) if self.world_size > 1 else local
-            return full.cpu()[mask[: len(full)]]
+        def gather(parts: list[Any], what: str) -> Any:
+            return gather_outputs(parts, mask, self.world_size, f"{where}: {what}") if parts else None
 
-        loss = gather(losses)
-        p, y = gather(preds), gather(targets)
-        metrics: dict[str, Any] = {"loss": float(loss.mean()) if loss is not None else float("nan")}
+        total, n = gather(sums, "loss"), gather(counts, "mask")
+        p, y = gather(preds, "preds"), gather(targets, "targets")
+        metrics: dict[str, Any] = {"loss": float("nan")}
+        if total is not None:  # a per-sample loss: its float32 mean, as always; terms: summed in float64
+            per_sample = bool((n == 1).all())
+            metrics["loss"] = float(total.sum() / n.sum() if per_sample else total.double().sum() / n.double().sum())
         if p is not None and y is not None:
             metrics.update(self.recipe.metrics(p, y))
         return EvalResult(metrics, p, y)
