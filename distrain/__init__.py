@@ -7,8 +7,8 @@ from distrain.train.data import ArrayDataset, TokenFile
 from distrain.version import __version__
 
 __all__ = [
-    "ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "TokenFile", "__version__", "load_model",
-    "opt",
+    "ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "TokenFile", "__version__",
+    "load_model", "opt",
 ]
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from distrain import DataConfig as Base, Splits, StepOutput, TokenFile, opt
+from distrain import DataConfig as Base
+from distrain import Splits, StepOutput, TokenFile, opt
 
 FEATURES, CLASSES, VOCAB, BLOCK = 8, 3, 16, 8
 
@@ -24,7 +25,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig(Base):
-    source: str = opt("tensors", "tensors | subset | hf_strings | tokens | hf_stream | torch_stream | torch_stream_nostate")
+    source: str = opt("tensors", "tensors | subset | hf_strings | tokens | hf_stream | torch_stream | "
+                      "torch_stream_nostate")
     dir: str = opt("", "folder of the files written by tests/test_data_sources.write_files")
 
 

@@ -5,23 +5,20 @@ IterableDataset) split over ranks, ending epochs together and resuming exactly a
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from crash_harness import Kill, Setup, compared, run_segment, same
+from data_sources_recipe import JsonLines, samples
 
 from distrain.errors import ConfigError
 from distrain.recipe import resolve_config
-from distrain.train.data import ArrowDataset, RankStream, StreamBatches, BatchPlan, TokenFile, as_dataset
+from distrain.train.data import ArrowDataset, BatchPlan, RankStream, StreamBatches, TokenFile, as_dataset
 from distrain.train.trainer import Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from crash_harness import Kill, Setup, compared, run_segment, same  # noqa: E402
-from data_sources_recipe import JsonLines, samples  # noqa: E402
-
-from helpers import metrics_rows, run_distrain  # noqa: E402
+from helpers import metrics_rows, run_distrain
 
 RECIPE = str(Path(__file__).with_name("data_sources_recipe.py"))
 BASE = [f"recipe={RECIPE}", "log.progress=false", "log.every=1", "data.batch_size=8", "sched.name=constant"]
@@ -52,12 +49,15 @@ def test_map_style_sources_train(source, tmp_path):
     assert summary["best_step"] > 0
 
 
-def test_a_hf_dataset_stays_arrow_and_passes_strings_and_ragged_columns_as_lists():
+def test_a_hf_dataset_stays_arrow_and_passes_strings_and_ragged_columns_as_lists(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_list([{"x": [1.0, 2.0], "s": f"t{i}", "r": list(range(i))} for i in range(5)])
+    rows = [{"x": [1.0, 2.0], "s": f"t{i}", "r": list(range(i))} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    ds = datasets.load_from_disk(str(tmp_path / "ds"))
     wrapped = as_dataset(ds)
-    assert isinstance(wrapped, ArrowDataset)
+    assert isinstance(wrapped, ArrowDataset)  # not copied into tensors: the same memory-mapped files
+    assert wrapped.dataset.cache_files == ds.cache_files and ds.cache_files
     batch = wrapped.__getitems__([3, 1])
     assert torch.equal(batch["x"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
     assert batch["s"] == ["t3", "t1"]
@@ -91,7 +91,7 @@ def test_a_stream_position_resumes_at_the_next_sample_with_or_without_state(tmp_
     write_files(tmp_path)
     plan = BatchPlan(num_samples=0, micro_batch=4, grad_accum=2, world_size=2, rank=1, seed=0)
     for stateful in (True, False):
-        def batches(position):
+        def batches(position, stateful=stateful):
             stream = RankStream(JsonLines(tmp_path / "train-all.jsonl", stateful), 1, 2)
             return StreamBatches(plan, stream, 0, position, torch.device("cpu"), lambda ok: ok)
 
@@ -107,8 +107,13 @@ def test_a_stream_position_resumes_at_the_next_sample_with_or_without_state(tmp_
 
 
 def test_a_stream_needs_max_steps_when_the_schedule_needs_the_total(tmp_path):
-    with pytest.raises(ConfigError, match="train.max_steps"):
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
         train(tmp_path, "data.source=torch_stream", "sched.name=cosine")
+
+
+def test_a_stream_too_short_for_one_step_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"too few samples for one step in epoch 0: .*data\.batch_size=256"):
+        train(tmp_path, "data.source=torch_stream_nostate", "train.max_steps=5", "data.batch_size=256")
 
 
 def test_a_stream_trains_its_epochs_without_max_steps(tmp_path):
@@ -124,23 +129,25 @@ def test_a_stream_trains_its_epochs_without_max_steps(tmp_path):
 def test_a_stream_killed_under_ddp_resumes_with_bitwise_equal_losses(source, tmp_path):
     # 2 ranks x 8: the Hugging Face stream's shards hold 110 and 90 rows, so rank 1 ends each epoch
     # (11 steps) with rows left on rank 0; the torch stream is split sample by sample (12 steps).
+    # Killed after step 7, it resumes from step 6, crosses the epoch end and evaluates on the way.
     data = write_files(tmp_path / "data")
-    args = (*BASE, f"data.source={source}", f"data.dir={data}", "train.max_steps=28", "train.eval_every=5",
-            "ckpt.every_steps=4")  # fmt: skip
+    args = (*BASE, f"data.source={source}", f"data.dir={data}", "train.max_steps=15", "train.eval_every=5",
+            "ckpt.every_steps=3")  # fmt: skip
     setup = Setup(source, "cpu_ddp", args)
     ref = run_segment(setup, tmp_path / "ref", None)
     assert ref.rc == 0, ref.output
-    killed = run_segment(setup, tmp_path / "run", Kill("sigkill", rows=10, target="all"))
+    killed = run_segment(setup, tmp_path / "run", Kill("sigkill", rows=7, target="all"))
     assert killed.rc != 0 and killed.saved, killed.output
     resumed = run_segment(setup, tmp_path / "run", None)
     assert resumed.rc == 0 and resumed.start == max(killed.saved), resumed.output
     want = {(r.get("loss") is None, r["step"]): compared(r) for r in metrics_rows(tmp_path / "ref") if "event" not in r}
     got = {(r.get("loss") is None, r["step"]): compared(r) for r in metrics_rows(tmp_path / "run") if "event" not in r}
     assert want.keys() == got.keys() and all(same(want[k], got[k]) for k in want)
-    assert {r["epoch"] for r in want.values()} == {0, 1, 2}
+    assert {r["epoch"] for r in want.values()} == {0, 1}
     # The positions are per rank: another world size is refused in one line, exit 2.
-    mid = next(s for s in sorted(killed.saved + resumed.saved) if s % 11 and s % 12)
-    proc = run_distrain([*args, f"output_dir={tmp_path / 'one'}", f"resume={tmp_path / 'run'}/checkpoints/"
-                         f"step_{mid:08d}"], check=False)  # fmt: skip
+    mid = next(p for p in sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+               if json.loads((p / "trainer_state.json").read_text())["consumed"])  # fmt: skip
+    one = [*args, "train.grad_accum=2", f"output_dir={tmp_path / 'one'}", f"resume={mid}"]  # the global batch kept
+    proc = run_distrain(one, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "resume it on 2 processes" in proc.stderr.strip().splitlines()[-1]

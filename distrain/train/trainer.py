@@ -542,6 +542,11 @@ class Trainer:
         while True:
             t0 = time.perf_counter()  # a stream reads the step's samples for `count`
             count = batches.count
+            if count == 0 and isinstance(batches, StreamBatches) and batches.consumed == 0:
+                p = self.plan
+                raise ConfigError(f"the training stream has too few samples for one step in epoch {s.epoch}: a "
+                                  f"step takes data.batch_size={p.micro_batch} x train.grad_accum={p.grad_accum} "
+                                  f"samples on each of the {p.world_size} processes")  # fmt: skip
             if count == 0:
                 return True
             if s.step >= self.total_steps or s.stopped_early:
