@@ -3,11 +3,12 @@
 from distrain.config import Config, DataConfig, opt
 from distrain.errors import ConfigError
 from distrain.recipe import Splits, StepOutput
-from distrain.train.data import ArrayDataset
+from distrain.train.data import ArrayDataset, TokenFile
 from distrain.version import __version__
 
 __all__ = [
-    "ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "__version__", "load_model", "opt",
+    "ArrayDataset", "Config", "ConfigError", "DataConfig", "Splits", "StepOutput", "TokenFile", "__version__",
+    "load_model", "opt",
 ]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from distrain.config import Config
 from distrain.errors import ConfigError
-from distrain.train.data import move_to
+from distrain.train.data import collate_fetched, move_to
 
 MiB = 2**20
 
@@ -38,7 +38,7 @@ def sample_batch(dataset: Any, size: int, collate: Callable[[list[Any]], Any] | 
     if collate is not None:
         return collate([dataset[i] for i in indices])
     if hasattr(dataset, "__getitems__"):
-        return dataset.__getitems__(indices)
+        return collate_fetched(dataset.__getitems__(indices))  # a Subset's: a list of samples
     return torch.utils.data.default_collate([dataset[i] for i in indices])
 
 

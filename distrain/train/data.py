@@ -1,30 +1,48 @@
 """Datasets and the deterministic batch plan.
 
-Data order is a pure function of (seed, epoch): one permutation of the whole training set
-per epoch. An optimizer step takes the next `global_batch` samples of that permutation and
-splits them over ranks and micro-batches, so the samples of a step do not depend on the
-world size, and the position in an epoch is a global sample count that survives a restart
-on another number of ranks.
+Map-style data (a dict of tensors, a Hugging Face `datasets.Dataset`, a memory-mapped
+`TokenFile`, any torch `Dataset`): data order is a pure function of (seed, epoch), one
+permutation of the whole training set per epoch. An optimizer step takes the next
+`global_batch` samples of that permutation and splits them over ranks and micro-batches, so
+the samples of a step do not depend on the world size, and the position in an epoch is a
+global sample count that survives a restart on another number of ranks. A Hugging Face
+dataset stays Arrow-backed (memory-mapped when it was loaded from files): a batch is one
+indexed read of its table. Columns that do not stack into one tensor (strings, ragged
+lists) reach the recipe as Python lists, which its step (or collate) handles.
+
+Streams (a torch `IterableDataset` or a Hugging Face `IterableDataset`, train split only):
+each rank reads its own share (`RankStream`: Hugging Face's split_dataset_by_node, else every
+world_size-th sample), in the training process; an epoch ends when the stream of any rank
+cannot fill a step (the ranks agree by an all-reduce, so none waits for the others). The
+position is saved per rank: the stream's own `state_dict()` when it has one (exact resume),
+else the count of samples taken, skipped over on resume.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from distrain.config import DataConfig
 from distrain.train.rng import FETCH, seed_global, stream_seed
 
+log = logging.getLogger("distrain")
+
 
 class ArrayDataset(Dataset):
     """Columns of pre-built tensors. A batch is one index operation per column, no per-sample Python."""
+
+    vectorised = True  # a batch is cheap and draws no random numbers: fetched in-process, unseeded
 
     def __init__(self, columns: dict[str, torch.Tensor]):
         lengths = {k: len(v) for k, v in columns.items()}
@@ -89,29 +107,152 @@ class PerSample(Dataset):
         return [self.dataset[i] for i in indices]
 
 
-def as_dataset(data: Any) -> Dataset:
-    """Accept an ArrayDataset, a dict of tensors/arrays, a Hugging Face Dataset, or any torch Dataset."""
+class ArrowDataset(Dataset):
+    """A Hugging Face `datasets.Dataset` left in its Arrow table (memory-mapped when loaded from
+    files, so nothing is copied into the process): a batch is one indexed read of the table,
+    formatted column by column. Numeric columns of one shape come as tensors; strings and ragged
+    columns as lists (a list of str, a list of tensors)."""
+
+    vectorised = True
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset.with_format("torch")  # a view of the same table, no copy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset[int(i)]
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        return dict(self.dataset[[int(i) for i in indices]])
+
+
+class TokenFile(Dataset):
+    """Rows of `block_size + 1` consecutive tokens of a memory-mapped token file (a raw binary of
+    `dtype`, as nanoGPT's train.bin, or a `.npy` array): row i starts at token i * block_size, so
+    consecutive rows share one token and every token but the first is a target once. A batch is
+    `{"input_ids": [B, block_size], "labels": [B, block_size]}` (int64), gathered with one
+    vectorised read of the map; only the pages of the rows read become resident."""
+
+    vectorised = True
+
+    def __init__(self, path: str | os.PathLike, block_size: int, dtype: Any = np.uint16):
+        self.path = Path(path)
+        self.block_size = int(block_size)
+        self.dtype = np.dtype(dtype)
+        self._tokens: np.ndarray | None = None
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.num_tokens = len(self.tokens)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The file's tokens, mapped on first use in each process (a worker maps it again, not a copy)."""
+        if self._tokens is None:
+            if self.path.suffix == ".npy":
+                self._tokens = np.load(self.path, mmap_mode="r")
+            else:
+                self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}  # pickling a memmap would copy the whole file
+
+    def __len__(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.block_size)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        start = np.asarray(indices, dtype=np.int64)[:, None] * self.block_size
+        rows = torch.from_numpy(self.tokens[start + np.arange(self.block_size + 1)].astype(np.int64))
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class SampleList(Dataset):
+    """A list of samples (a materialised stream, for evaluation), batched by collate_samples."""
+
+    def __init__(self, samples: list[Any]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.samples[i]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return collate_samples([self.samples[i] for i in indices])
+
+
+def is_stream(data: Any) -> bool:
+    """A torch IterableDataset or a Hugging Face IterableDataset (read in order, no len())."""
+    hf = type(data).__module__.startswith("datasets.") and type(data).__name__ == "IterableDataset"
+    return hf or isinstance(data, IterableDataset)
+
+
+def as_dataset(data: Any, split: str = "train") -> Any:
+    """Accept an ArrayDataset, a dict of tensors/arrays, a Hugging Face Dataset (kept in Arrow), a
+    TokenFile or any torch Dataset; a stream stays a stream for training and is read into memory
+    once for evaluation (validation and test splits are small and evaluated whole)."""
     if isinstance(data, dict):
         return ArrayDataset({k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for k, v in data.items()})
-    if type(data).__module__.startswith("datasets."):  # Hugging Face: tensorise once, not per batch
-        return ArrayDataset(dict(data.with_format("torch")[:]))
+    if is_stream(data):
+        return data if split == "train" else SampleList(list(data))
+    if type(data).__module__.startswith("datasets."):  # Hugging Face: batches read from the Arrow table
+        return ArrowDataset(data)
     return data
 
 
-def _collate_passthrough(batch: Any) -> Any:
-    return batch
+def _stackable(values: list[Any]) -> bool:
+    if all(torch.is_tensor(v) or isinstance(v, np.ndarray) for v in values):
+        return len({tuple(v.shape) for v in values}) == 1
+    if all(isinstance(v, (bool, int, float, np.number)) for v in values):
+        return True
+    if all(isinstance(v, (list, tuple)) for v in values):  # a list column: one tensor when rectangular
+        try:
+            np.asarray(values, dtype=np.float64 if any(isinstance(x, float) for v in values for x in v) else None)
+        except (ValueError, TypeError):
+            return False
+        return np.asarray(values).dtype.kind in "biuf"
+    return False
+
+
+def collate_samples(samples: list[Any]) -> Any:
+    """Samples -> a batch: a dict's keys one by one (what stacks becomes a tensor; strings and
+    ragged values stay a list of the samples' values), anything else as torch's default_collate."""
+    if samples and isinstance(samples[0], dict):
+        out: dict[str, Any] = {}
+        for key in samples[0]:
+            values = [s[key] for s in samples]
+            if not _stackable(values):
+                out[key] = values
+            elif torch.is_tensor(values[0]) or isinstance(values[0], np.ndarray):
+                out[key] = torch.stack([torch.as_tensor(v) for v in values])
+            else:
+                out[key] = torch.as_tensor(np.asarray(values))
+        return out
+    return default_collate(samples)
+
+
+def collate_fetched(batch: Any) -> Any:
+    """What a dataset's __getitems__ returned, as a batch: a dict of columns (ArrayDataset and the
+    like) as it is; a list of samples (torch's convention, e.g. a Subset's) collated."""
+    return collate_samples(batch) if isinstance(batch, list) else batch
 
 
 def loader_kwargs(cfg: DataConfig, dataset: Dataset, world_size: int, on_cuda: bool) -> dict[str, Any]:
     """DataLoader settings: what the user set, else what suits the hardware and the dataset."""
-    in_memory = isinstance(dataset, ArrayDataset)
+    in_memory = getattr(dataset, "vectorised", False)
     workers = cfg.num_workers
     if workers is None:  # in-memory tensors are faster in-process; decoding datasets want workers
         workers = 0 if in_memory else max(1, min(4, (os.cpu_count() or 2) // max(world_size, 1) - 1))
     kwargs: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": on_cuda if cfg.pin_memory is None else cfg.pin_memory,
-        "collate_fn": _collate_passthrough if hasattr(dataset, "__getitems__") else None,
+        "collate_fn": collate_fetched if hasattr(dataset, "__getitems__") else None,
     }
     if workers > 0:
         kwargs["persistent_workers"] = True if cfg.persistent_workers is None else cfg.persistent_workers
@@ -215,6 +356,102 @@ class EpochBatches:
         return micro
 
 
+def stateful(obj: Any) -> bool:
+    """Whether `obj` follows the Stateful protocol (torchdata's; Hugging Face's IterableDataset has it)."""
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+class RankStream:
+    """One rank's share of a training stream, read in the training process.
+
+    A Hugging Face IterableDataset is split by `datasets.distributed.split_dataset_by_node` (whole
+    shards per rank when their count divides by the world size, else every world_size-th example),
+    a torch IterableDataset by taking every world_size-th sample from `rank` on (each rank reads
+    the whole stream and keeps its own: no sample twice, none left out). A position is a JSON dict
+    {"epoch", "taken": this rank's samples so far, "state": the stream's state_dict() after them
+    (Stateful streams only)}; `samples(epoch, position)` continues from one.
+    """
+
+    def __init__(self, dataset: Any, rank: int, world_size: int):
+        self.hf = type(dataset).__module__.startswith("datasets.")
+        if self.hf and world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.source = dataset
+        self.rank, self.world_size = rank, world_size
+        self.stateful = stateful(dataset)
+
+    def samples(self, epoch: int, position: dict[str, Any] | None) -> Iterator[Any]:
+        """This rank's samples of `epoch`, from `position` (None: the epoch's start)."""
+        set_epoch = getattr(self.source, "set_epoch", None)
+        if callable(set_epoch):  # reshuffles a shuffled stream per epoch (Hugging Face's) before its state loads
+            set_epoch(epoch)
+        resumed = position is not None and position.get("state") is not None and self.stateful
+        if resumed:
+            self.source.load_state_dict(position["state"])  # type: ignore[index]
+        taken = int(position["taken"]) if position is not None and not resumed else 0
+        stream = iter(self.source)
+        if self.hf or self.world_size == 1:  # already this rank's share
+            return itertools.islice(stream, taken, None)
+        # Resumed: the stream stands after this rank's last sample, so the next one is world_size - 1 further.
+        first = self.world_size - 1 if resumed else self.rank + taken * self.world_size
+        return itertools.islice(stream, first, None, self.world_size)
+
+    def state(self) -> Any:
+        return self.source.state_dict() if self.stateful else None
+
+
+class StreamBatches:
+    """One rank's way through an epoch of a stream, with EpochBatches' interface: `count` reads
+    the next step's micro-batches (micro_batch samples each, grad_accum of them) and agrees with
+    the other ranks through `agree` (an all-reduce: True only if every rank filled its step); 0
+    ends the epoch on every rank at once. `position` is where the last step taken left the stream."""
+
+    def __init__(self, plan: BatchPlan, stream: RankStream, epoch: int, position: dict[str, Any] | None,
+                 device: torch.device, agree: Callable[[bool], bool], collate: Callable[[list[Any]], Any] | None = None,
+                 non_blocking: bool = False):  # fmt: skip
+        if position is not None and position.get("epoch") != epoch:
+            position = None  # saved in an earlier epoch: this one starts afresh
+        self.plan, self.stream, self.epoch = plan, stream, epoch
+        self.device, self.agree, self.non_blocking = device, agree, non_blocking
+        self.collate = collate or collate_samples
+        self.position: dict[str, Any] = position or {"epoch": epoch, "taken": 0}
+        self.consumed = int(self.position["taken"]) * plan.world_size  # global samples, all ranks take alike
+        if position is not None and position.get("state") is None and position["taken"]:
+            log.warning("the training stream has no state_dict(): resuming by reading past the %d samples this "
+                        "rank took in epoch %d", position["taken"], epoch)  # fmt: skip
+        self._samples = stream.samples(epoch, position)
+        self._next: tuple[list[list[Any]], dict[str, Any]] | None = None
+
+    @property
+    def count(self) -> int:
+        if self._next is None:
+            self._next = self._read()
+        return self.plan.global_batch if self._next[0] else 0
+
+    def _read(self) -> tuple[list[list[Any]], dict[str, Any]]:
+        p = self.plan
+        micro = []
+        for _ in range(p.grad_accum):
+            part = list(itertools.islice(self._samples, p.micro_batch))
+            if len(part) < p.micro_batch:
+                break
+            micro.append(part)
+        if not self.agree(len(micro) == p.grad_accum):  # the shortest rank's stream ends the epoch for all
+            return [], self.position
+        taken = int(self.position["taken"]) + p.micro_batch * p.grad_accum
+        return micro, {"epoch": self.epoch, "taken": taken, "state": self.stream.state()}
+
+    def take(self) -> list[Any]:
+        count = self.count
+        assert self._next is not None and count
+        micro, self.position = self._next
+        self._next = None
+        self.consumed += count
+        return [move_to(self.collate(part), self.device, self.non_blocking) for part in micro]
+
+
 def iter_batches(loader: DataLoader) -> Iterator[Any]:
     """The loader's batches. In-process ones (no workers, no pinning) are fetched as the DataLoader's
     single-process iterator fetches them, without its per-batch bookkeeping (a profiler range and
@@ -265,7 +502,7 @@ def build_loader(dataset: Dataset, sampler: Sampler, kwargs: dict[str, Any], see
     if seed is None:
         return DataLoader(dataset, batch_sampler=sampler, **kwargs)
     generator = torch.Generator().manual_seed(seed)
-    fetched = dataset if isinstance(dataset, ArrayDataset) else SeededFetch(dataset)
+    fetched = dataset if getattr(dataset, "vectorised", False) else SeededFetch(dataset)
     return DataLoader(fetched, batch_sampler=sampler, generator=generator, **kwargs)
 
 
@@ -282,8 +519,10 @@ def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any
 def batch_size_of(batch: Any) -> int:
     if torch.is_tensor(batch):
         return len(batch)
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, dict):  # a tensor column if there is one; a list column (strings) counts its items
+        values = list(batch.values())
+        first = next((v for v in values if torch.is_tensor(v)), values[0])
+        return len(first) if isinstance(first, list) else batch_size_of(first)
     if isinstance(batch, (list, tuple)):
         return batch_size_of(batch[0])
     raise TypeError(f"cannot tell the batch size of {type(batch).__name__}")

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import sys
 import time
 from typing import Any
 
@@ -44,10 +46,13 @@ from distrain.train.data import (
     BatchPlan,
     EpochBatches,
     EvalBatchSampler,
+    RankStream,
+    StreamBatches,
     TrainBatchSampler,
     as_dataset,
     batch_size_of,
     build_loader,
+    is_stream,
     loader_kwargs,
     move_to,
 )
@@ -78,10 +83,14 @@ class Trainer:
         splits = recipe.load_datasets(cfg)  # may raise ConfigError: nothing written yet
         # What build_datasets learned (splits.info) reaches build_model, step, metrics and report.
         self.recipe: BoundRecipe = recipe.bind(cfg, splits.info)
-        self.datasets = {"train": as_dataset(splits.train), "val": as_dataset(splits.val)}
+        self.datasets = {"train": as_dataset(splits.train), "val": as_dataset(splits.val, "val")}
         if splits.test is not None:
-            self.datasets["test"] = as_dataset(splits.test)
+            self.datasets["test"] = as_dataset(splits.test, "test")
+        self.stream = is_stream(self.datasets["train"])  # read in order per rank, no len(): see data.RankStream
         micro_batch, grad_accum, self.auto_batch_note = cfg.data.batch_size, cfg.train.grad_accum, ""
+        if micro_batch == "auto" and self.stream:
+            raise ConfigError("data.batch_size=auto needs a map-style training set; the recipe's train split is a "
+                              "stream: set data.batch_size=<int>")  # fmt: skip
         if micro_batch == "auto":
             from distrain.train.batch_size import find_batch
 
@@ -90,7 +99,7 @@ class Trainer:
             micro_batch, grad_accum, self.auto_batch_note = found.micro_batch, found.grad_accum, found.note
             torch.manual_seed(cfg.train.seed)  # the probe model consumed random numbers
         self.plan = BatchPlan(
-            num_samples=len(self.datasets["train"]),
+            num_samples=0 if self.stream else len(self.datasets["train"]),
             micro_batch=int(micro_batch),
             grad_accum=grad_accum,
             world_size=self.world_size,
@@ -98,7 +107,7 @@ class Trainer:
             seed=cfg.train.seed,
             drop_last=cfg.data.drop_last,
         )
-        if self.plan.steps_per_epoch == 0:
+        if self.plan.steps_per_epoch == 0 and not self.stream:
             raise ConfigError(
                 f"data.batch_size={cfg.data.batch_size} x train.grad_accum={cfg.train.grad_accum} x "
                 f"{self.world_size} processes = {self.plan.global_batch} exceeds the "
@@ -106,6 +115,8 @@ class Trainer:
             )
         t = cfg.train
         self.total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.plan.steps_per_epoch
+        if self.stream and t.max_steps <= 0:
+            self.total_steps = self._stream_steps()
 
         # Under FSDP2 the model is built on meta and each rank materialises only its shards (parallel.fsdp_meta_init).
         self.construction = meta_init.build_model(self.recipe.build_model, on_meta=self.parallel.meta_init)
@@ -125,13 +136,18 @@ class Trainer:
 
         on_cuda = self.device.type == "cuda"
         self.train_sampler = TrainBatchSampler(self.plan)
-        self.train_loader = build_loader(
-            self.datasets["train"],
-            self.train_sampler,
-            loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
-            seed=cfg.train.seed,
-            collate=self.recipe.collate,
-        )
+        if self.stream:
+            self.train_stream = RankStream(self.datasets["train"], self.rank, self.world_size)
+            # This rank's place in the stream after the last step taken (None: the epoch's start); checkpointed.
+            self.stream_position: dict[str, Any] | None = None
+        else:
+            self.train_loader = build_loader(
+                self.datasets["train"],
+                self.train_sampler,
+                loader_kwargs(cfg.data, self.datasets["train"], self.world_size, on_cuda),
+                seed=cfg.train.seed,
+                collate=self.recipe.collate,
+            )
         self.non_blocking = on_cuda
         count = cfg.log.flops if cfg.log.flops is not None else on_cuda
         self.flops_per_sample: float | None = None if count else 0.0  # None: count on the first step
@@ -172,6 +188,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _stream_steps(self) -> int:
+        """A stream without train.max_steps runs train.max_epochs epochs, each as long as the stream
+        lasts, so the total is unknown: only a schedule that does not need it can run."""
+        sched = self.cfg.sched
+        if sched.name in ("cosine", "linear") or (sched.warmup_ratio and not sched.warmup_steps):
+            what = f"sched.name={sched.name}" if sched.name in ("cosine", "linear") else (
+                f"sched.warmup_ratio={sched.warmup_ratio:g}")
+            raise ConfigError(f"train.max_steps is unset but the training set is a stream (no length) and {what} "
+                              "needs the total steps: set train.max_steps=<steps>")  # fmt: skip
+        return sys.maxsize
+
     def release_run_dir(self) -> None:
         """Let another run use the run dir (also done at process exit)."""
         if self._run_lock is not None:
@@ -190,8 +217,11 @@ class Trainer:
             ("precision", self.cfg.precision),
             ("batch", f"{p.micro_batch} micro x {p.grad_accum} accum x {p.world_size} ranks = {p.global_batch} global"),
             *([("auto batch", self.auto_batch_note)] if self.auto_batch_note else []),
-            ("steps", f"{p.steps_per_epoch} per epoch, {self.total_steps} total"),
-            ("data", ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())),
+            ("steps", f"{'unknown (a stream)' if self.stream else p.steps_per_epoch} per epoch, "
+             + (f"{self.total_steps} total" if self.total_steps < sys.maxsize else
+                f"{self.cfg.train.max_epochs} epochs")),
+            ("data", ", ".join(f"{k} {'stream' if k == 'train' and self.stream else len(v)}"
+                               for k, v in self.datasets.items())),
             ("params", f"{total:,} total, {trainable:,} trainable"),
             *([("construction", self.construction.note())] if self.construction.note() else []),
             ("lr", f"{self.lr:g} ({self.cfg.optim.name}, {self.cfg.sched.name} schedule)"),
@@ -225,7 +255,33 @@ class Trainer:
             "recipe": self.recipe.name,
             INFO_KEY: self.recipe.info,  # what build_model takes from the data: export and load_model read it
             "versions": versions(),
+            **({"stream_positions": self._gather_stream_positions()} if self.stream else {}),
         }
+
+    def _gather_stream_positions(self) -> list[Any]:
+        """Every rank's position in its share of the training stream, in rank order (JSON values;
+        one all-gather, of JSON text)."""
+        mine = json.dumps(self.stream_position)  # a stream state that is not JSON fails here, not in the writer
+        if self.world_size == 1:
+            return [json.loads(mine)]
+        texts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(texts, mine)
+        return [json.loads(t) for t in texts]
+
+    def _load_stream_position(self, state: dict[str, Any]) -> None:
+        positions = state.get("stream_positions")
+        if positions is None:
+            if state.get("consumed"):
+                raise ConfigError("resume: the checkpoint was saved mid-epoch with a map-style training set and "
+                                  "this run's is a stream; resume with the same data")  # fmt: skip
+            return
+        # Positions of an epoch that ended are not needed: the next epoch starts every rank afresh.
+        mid_epoch = [p for p in positions if p is not None and p.get("epoch") == state.get("epoch") and p.get("taken")]
+        if len(positions) != self.world_size and mid_epoch:
+            raise ConfigError(f"resume: the checkpoint holds the training stream's position for {len(positions)} "
+                              f"processes and this run has {self.world_size}; a stream is split per process, so "
+                              f"resume it on {len(positions)} processes (or from an epoch's end)")  # fmt: skip
+        self.stream_position = positions[self.rank] if len(positions) == self.world_size else None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned: position and counters, the schedule (with this config's
@@ -245,6 +301,8 @@ class Trainer:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if self.stream:
+            self._load_stream_position(state)
 
     def restore_best(self) -> bool:
         """Put the best weights back into the live model: from this rank's copy, or from the best/
@@ -508,7 +566,7 @@ class Trainer:
             if self._eval_due():  # the interrupted run stopped at an eval_every step before evaluating
                 self._run_eval(logger, self._elapsed())
                 self._stop_if_interrupted()
-            while s.step < self.total_steps and not s.stopped_early:
+            while s.step < self.total_steps and not s.stopped_early and not self._epochs_done():
                 if self._train_epoch(logger):
                     s.epoch, s.consumed = s.epoch + 1, 0
                     if s.last_eval_step != s.step:
@@ -535,15 +593,28 @@ class Trainer:
     def _elapsed(self) -> float:
         return time.perf_counter() - self._start
 
+    def _epochs_done(self) -> bool:
+        """A stream without train.max_steps stops after train.max_epochs epochs (map-style data: by total_steps)."""
+        return self.total_steps == sys.maxsize and self.state.epoch >= self.cfg.train.max_epochs
+
     def _eval_due(self) -> bool:
         every, s = self.cfg.train.eval_every, self.state
         return bool(every) and s.step > 0 and s.step % every == 0 and s.last_eval_step != s.step
 
-    def epoch_batches(self) -> EpochBatches:
+    def epoch_batches(self) -> EpochBatches | StreamBatches:
         """This rank's training batches from the state's position (epoch, samples consumed) to the end of its epoch."""
         s = self.state
+        if self.stream:
+            return StreamBatches(self.plan, self.train_stream, s.epoch, self.stream_position, self.device,
+                                 self._all_agree, self.recipe.collate, self.non_blocking)  # fmt: skip
         return EpochBatches(self.plan, self.train_sampler, self.train_loader, s.epoch, s.consumed, self.device,
                             self.non_blocking)  # fmt: skip
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True when `ok` on every rank (one all-reduce): a stream's ranks end an epoch together."""
+        if self.world_size == 1:
+            return ok
+        return float(self._all_reduce_max(torch.tensor([0.0 if ok else 1.0], device=self.device))[0]) == 0.0
 
     def _train_epoch(self, logger: MetricsLogger) -> bool:
         """Train from the current position; True when the epoch ran out of samples."""
@@ -551,12 +622,17 @@ class Trainer:
         batches = self.epoch_batches()
         window = Window()
         while True:
+            t0 = time.perf_counter()  # a stream reads the step's samples for `count`
             count = batches.count
+            if count == 0 and isinstance(batches, StreamBatches) and batches.consumed == 0:
+                p = self.plan
+                raise ConfigError(f"the training stream has too few samples for one step in epoch {s.epoch}: a "
+                                  f"step takes data.batch_size={p.micro_batch} x train.grad_accum={p.grad_accum} "
+                                  f"samples on each of the {p.world_size} processes")  # fmt: skip
             if count == 0:
                 return True
             if s.step >= self.total_steps or s.stopped_early:
                 return False
-            t0 = time.perf_counter()
             micro = batches.take()
             t1 = time.perf_counter()
             result = self.train_step(micro, count)
@@ -564,6 +640,8 @@ class Trainer:
             self.scheduler.step()
             s.step += 1
             s.consumed = batches.consumed
+            if isinstance(batches, StreamBatches):
+                self.stream_position = batches.position
             loss_value = float(result.loss)
             self._check_finite(result, loss_value)
             tb = result.backward_done
