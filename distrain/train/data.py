@@ -13,14 +13,16 @@ lists) reach the recipe as Python lists, which its step (or collate) handles.
 Streams (a torch `IterableDataset` or a Hugging Face `IterableDataset`, train split only):
 each rank reads its own share (`RankStream`: Hugging Face's split_dataset_by_node, else every
 world_size-th sample), in the training process; an epoch ends when the stream of any rank
-cannot fill a step (the ranks agree by an all-reduce, so none waits for the others). The
-position is saved per rank: the stream's own `state_dict()` when it has one (exact resume),
-else the count of samples taken, skipped over on resume.
+cannot fill a step (the ranks agree by an all-reduce, so none waits for the others; the
+incomplete tail is dropped). The position is saved per rank: the stream's own `state_dict()`
+when it has one (exact resume), else the count of samples taken, read past on resume. Streams
+are read without DataLoader workers.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -368,8 +370,10 @@ class RankStream:
     shards per rank when their count divides by the world size, else every world_size-th example),
     a torch IterableDataset by taking every world_size-th sample from `rank` on (each rank reads
     the whole stream and keeps its own: no sample twice, none left out). A position is a JSON dict
-    {"epoch", "taken": this rank's samples so far, "state": the stream's state_dict() after them
-    (Stateful streams only)}; `samples(epoch, position)` continues from one.
+    {"epoch", "consumed": samples all ranks took in the epoch, "rank" and "world" that saved it,
+    "state": the stream's state_dict() after that rank's last sample (Stateful streams only)};
+    `samples(epoch, position)` continues from one. A torch stream's position continues on any
+    world size (`resplits`): rank r's state stands after global sample consumed - world + r.
     """
 
     def __init__(self, dataset: Any, rank: int, world_size: int):
@@ -381,6 +385,7 @@ class RankStream:
         self.source = dataset
         self.rank, self.world_size = rank, world_size
         self.stateful = stateful(dataset)
+        self.resplits = not self.hf  # Hugging Face's split (whole shards per rank) is fixed to its world size
 
     def samples(self, epoch: int, position: dict[str, Any] | None) -> Iterator[Any]:
         """This rank's samples of `epoch`, from `position` (None: the epoch's start)."""
@@ -390,16 +395,20 @@ class RankStream:
         resumed = position is not None and position.get("state") is not None and self.stateful
         if resumed:
             self.source.load_state_dict(position["state"])  # type: ignore[index]
-        taken = int(position["taken"]) if position is not None and not resumed else 0
+        consumed = int(position["consumed"]) if position is not None and not resumed else 0
         stream = iter(self.source)
-        if self.hf or self.world_size == 1:  # already this rank's share
-            return itertools.islice(stream, taken, None)
-        # Resumed: the stream stands after this rank's last sample, so the next one is world_size - 1 further.
-        first = self.world_size - 1 if resumed else self.rank + taken * self.world_size
+        if self.hf:  # already this rank's share
+            return itertools.islice(stream, consumed // self.world_size, None)
+        if resumed:  # the state stands after global sample consumed - world + rank of the rank that saved it
+            assert position is not None
+            first = int(position["world"]) - int(position["rank"]) - 1 + self.rank
+        else:
+            first = consumed + self.rank
         return itertools.islice(stream, first, None, self.world_size)
 
     def state(self) -> Any:
-        return self.source.state_dict() if self.stateful else None
+        """The stream's state_dict() as JSON values (a copy: the stream may change its own dict as it goes on)."""
+        return json.loads(json.dumps(self.source.state_dict())) if self.stateful else None
 
 
 class StreamBatches:
@@ -416,11 +425,11 @@ class StreamBatches:
         self.plan, self.stream, self.epoch = plan, stream, epoch
         self.device, self.agree, self.non_blocking = device, agree, non_blocking
         self.collate = collate or collate_samples
-        self.position: dict[str, Any] = position or {"epoch": epoch, "taken": 0}
-        self.consumed = int(self.position["taken"]) * plan.world_size  # global samples, all ranks take alike
-        if position is not None and position.get("state") is None and position["taken"]:
-            log.warning("the training stream has no state_dict(): resuming by reading past the %d samples this "
-                        "rank took in epoch %d", position["taken"], epoch)  # fmt: skip
+        self.position: dict[str, Any] = position or {"epoch": epoch, "consumed": 0}
+        self.consumed = int(self.position["consumed"])  # global samples of the epoch, all ranks take alike
+        if position is not None and position.get("state") is None and self.consumed:
+            log.warning("the training stream has no state_dict(): resuming by reading past the %d samples taken "
+                        "in epoch %d", self.consumed, epoch)  # fmt: skip
         self._samples = stream.samples(epoch, position)
         self._next: tuple[list[list[Any]], dict[str, Any]] | None = None
 
@@ -440,8 +449,9 @@ class StreamBatches:
             micro.append(part)
         if not self.agree(len(micro) == p.grad_accum):  # the shortest rank's stream ends the epoch for all
             return [], self.position
-        taken = int(self.position["taken"]) + p.micro_batch * p.grad_accum
-        return micro, {"epoch": self.epoch, "taken": taken, "state": self.stream.state()}
+        position = {"epoch": self.epoch, "consumed": self.consumed + p.global_batch, "rank": p.rank,
+                    "world": p.world_size, "state": self.stream.state()}  # fmt: skip
+        return micro, position
 
     def take(self) -> list[Any]:
         count = self.count

@@ -275,13 +275,20 @@ class Trainer:
                 raise ConfigError("resume: the checkpoint was saved mid-epoch with a map-style training set and "
                                   "this run's is a stream; resume with the same data")  # fmt: skip
             return
+        if len(positions) == self.world_size:
+            self.stream_position = positions[self.rank]
+            return
         # Positions of an epoch that ended are not needed: the next epoch starts every rank afresh.
-        mid_epoch = [p for p in positions if p is not None and p.get("epoch") == state.get("epoch") and p.get("taken")]
-        if len(positions) != self.world_size and mid_epoch:
+        last = positions[-1]
+        if last is None or last.get("epoch") != state.get("epoch") or not last.get("consumed"):
+            self.stream_position = None
+        elif self.train_stream.resplits:  # split sample by sample: the last rank's position is a global one
+            self.stream_position = last
+        else:
             raise ConfigError(f"resume: the checkpoint holds the training stream's position for {len(positions)} "
-                              f"processes and this run has {self.world_size}; a stream is split per process, so "
-                              f"resume it on {len(positions)} processes (or from an epoch's end)")  # fmt: skip
-        self.stream_position = positions[self.rank] if len(positions) == self.world_size else None
+                              f"processes and this run has {self.world_size}; a Hugging Face stream is split "
+                              f"by shards per process, so resume it on {len(positions)} processes (or from an "
+                              "epoch's end)")  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned: position and counters, the schedule (with this config's
