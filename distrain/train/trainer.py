@@ -62,6 +62,7 @@ log = logging.getLogger("distrain")
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
+        memory.return_freed_memory()  # before any tensor: a freed one goes back to the system, not to the heap
         self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
         self.accelerator = build_accelerator(cfg, self.parallel)
         # accelerate's autocast() builds a context every call; fp32 needs none
