@@ -173,3 +173,13 @@ def test_profile_leaves_the_process_group_as_training_does(tmp_path, teardown_lo
     assert profiling.main([*TINY_HAR, f"output_dir={out}", "--steps", "1", "--warmup", "0", "--top", "3"]) == 0
     assert teardown_log == [0]
     assert (out / "profile").is_dir() and not (out / ".lock").exists()  # the run dir is let go, as a run lets it go
+
+
+def test_cpu_models_above_the_multi_tensor_limit_step_per_parameter(monkeypatch):
+    """foreach holds its temporaries for all parameters at once (a copy of them): large CPU models
+    take torch's per-parameter loop, the same arithmetic, with one parameter's temporaries at a time."""
+    from distrain.train import optim
+
+    monkeypatch.setattr(optim, "MULTI_TENSOR_MAX", 10)
+    assert optim.multi_tensor(torch.nn.Linear(2, 2)) is True  # 6 parameters
+    assert optim.multi_tensor(torch.nn.Linear(4, 4)) is None  # 20: torch's default, the loop on CPU

@@ -123,6 +123,21 @@ def test_offloaded_runs_are_not_estimated(data_limit):
         data_limit(None)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_tensors_of_a_few_mib_go_back_to_the_system():
+    """After return_freed_memory (the Trainer calls it first), tensors of 1 MiB and more are mapped
+    on their own: freed, they leave the resident set, even between small tensors that stay."""
+    assert memory.return_freed_memory()
+    torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # freed at once: raises glibc's default threshold
+    big, small = [], []
+    for _ in range(40):
+        big.append(torch.empty(4 * 2**20, dtype=torch.uint8).fill_(1))
+        small.append(torch.ones(16 * 2**10, dtype=torch.uint8))  # stay, between the big ones
+    held = _status_bytes("VmRSS")
+    del big
+    assert held - _status_bytes("VmRSS") > 120 * 2**20
+
+
 # ---------------------------------------------------------------- a real out-of-memory error
 
 

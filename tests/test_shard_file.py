@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,54 @@ def test_damaged_files_raise_naming_the_file(tmp_path):
         ShardFile(tmp_path / "utf8.safetensors")
     with pytest.raises(ShardFileError, match="no readable tensor 'nope'"):
         ShardFile(path).tensor("nope")
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(key)
+
+
+def _big_shard(path) -> dict[str, torch.Tensor]:
+    tensors = {f"w{i}": torch.randn(1024, 2048) for i in range(8)}  # 64 MiB
+    write_shard(path, tensors, {"format": "test"})
+    return tensors
+
+
+def test_a_shard_is_read_under_a_data_limit_smaller_than_the_file(tmp_path):
+    """A shard is mapped read-only and shared: RLIMIT_DATA (private writable memory) does not count
+    the file, so a capped process reads a shard beside a live state that nearly fills its cap."""
+    import resource
+
+    saved = _big_shard(tmp_path / "s.safetensors")
+    dst = {k: torch.empty_like(v) for k, v in saved.items()}
+    old = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (_status("VmData") + 16 * 2**20, old[1]))
+    try:
+        f = ShardFile(tmp_path / "s.safetensors")
+        assert all(f.copy_into(k, d) for k, d in dst.items())
+        view = f.tensor("w3")
+        del f
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, old)
+    assert all(torch.equal(dst[k], saved[k]) for k in saved) and torch.equal(view, saved["w3"])
+
+
+def test_reading_and_hashing_a_shard_leave_its_pages_out_of_the_resident_set(tmp_path):
+    """copy_into and block_checksums release the mapped pages they touched: reading a checkpoint
+    back does not hold the file in the resident set beside the state it fills."""
+    from distrain.checkpoint.format import block_checksums
+
+    saved = _big_shard(tmp_path / "s.safetensors")
+    dst = {k: torch.empty_like(v) for k, v in saved.items()}
+    f = ShardFile(tmp_path / "s.safetensors")
+    before = _status("RssFile")
+    assert all(f.copy_into(k, d) for k, d in dst.items())
+    assert _status("RssFile") - before < 8 * 2**20
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM starts again from the current resident set
+    start = _status("VmRSS")
+    block_checksums(tmp_path / "s.safetensors")
+    assert _status("VmHWM") - start < 40 * 2**20  # a 64 MiB file: hashed a window at a time
+    assert all(torch.equal(dst[k], saved[k]) for k in saved)

@@ -285,9 +285,11 @@ def _copy_and_hash(shard: ShardFile, deferred: dict[str, torch.Tensor], recorded
             ctypes.memmove(ptr + a - start, base + a, b - a)
             feed(a, b)
         increment_version(dst)
+        shard.release(pos, start + nbytes - pos)  # hashed and copied: out of the resident set
         pos = start + nbytes
     feed(pos, size)
     view.release()
+    shard.release(0, size)
     return [h.hexdigest() for h in hashers] == recorded
 
 

@@ -7,8 +7,11 @@ before its Rust serializer runs, and `safe_open(...).get_tensor` has its own per
 (docs/performance.md has the figures). Writing passes `safetensors.TensorSpec`s (pointer,
 length, dtype, shape) straight to the library's serializer; the checkpoint code guarantees what
 it needs (CPU, contiguous), and tensors sharing storage are simply written twice. Reading
-parses the format's header (8-byte little-endian length, JSON) and returns views of a private
-memory map, so a tensor costs one `torch.frombuffer`.
+parses the format's header (8-byte little-endian length, JSON) and returns views of a shared
+read-only memory map, so a tensor costs one `torch.frombuffer`. Read-only and shared, not
+private: a private map is writable memory, which RLIMIT_DATA counts in full (a capped process
+could not map its own shard beside its live state), and the pages a copy touched are released
+again (`release`), so reading a checkpoint back does not add the file to the resident set.
 tests/test_shard_file.py checks both against `safetensors.torch.save_file` / `load_file`.
 """
 
@@ -19,6 +22,7 @@ import mmap
 import os
 import struct
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,8 @@ def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
 
 
 class ShardFile:
-    """A safetensors file mapped into memory; `tensor(name)` is a view of its bytes (copy it)."""
+    """A safetensors file mapped into memory; `tensor(name)` is a view of its bytes (copy it;
+    never write to it: the map is read-only)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -68,8 +73,7 @@ class ShardFile:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise ShardFileError(f"{self.path} is too short to be a safetensors file ({size} bytes)")
-                # A private (copy-on-write) map is writable, which torch.frombuffer wants; nothing writes to it.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise ShardFileError(f"{self.path} is unreadable: {e}") from None
         (header_len,) = struct.unpack("<Q", self._map[:8])
@@ -85,8 +89,8 @@ class ShardFile:
         self.entries: dict[str, dict[str, Any]] = header
         self._data = 8 + header_len
         self.size = size
-        self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the map's buffer exported while mapped
-        self.address = ctypes.addressof(self._anchor)  # of byte 0, for memmove
+        self._anchor = _frombuffer(self._map, torch.uint8, size, 0)  # keeps the map's buffer exported while mapped
+        self.address = self._anchor.data_ptr()  # of byte 0, for memmove
 
     def view(self) -> memoryview:
         """The whole file's bytes (release the view when done)."""
@@ -113,7 +117,16 @@ class ShardFile:
         dtype, shape, start, nbytes = self.span(name)
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=start).view(shape)
+        return _frombuffer(self._map, dtype, nbytes // dtype.itemsize, start).view(shape)
+
+    def release(self, start: int, nbytes: int) -> None:
+        """Drop the pages of bytes [start, start + nbytes) from this process's resident set once
+        copied out (the whole pages inside it; the file's page cache keeps them). Views of them
+        stay valid: a later read maps them again."""
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def copy_into(self, name: str, dst: torch.Tensor) -> bool:
         """Copy tensor `name` into `dst` straight from the mapped bytes (one memmove, no tensor made)
@@ -127,4 +140,13 @@ class ShardFile:
         if nbytes:
             ctypes.memmove(dst.data_ptr(), self.address + start, nbytes)
             increment_version(dst)
+            self.release(start, nbytes)
         return True
+
+
+def _frombuffer(buffer: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    """torch.frombuffer of the read-only map, without torch's warning that the tensor is writable
+    (ShardFile's views are read, never written)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from distrain.config import Config
 from distrain.errors import ConfigError, LaunchError
@@ -371,6 +371,8 @@ def build_accelerator(cfg: Config, plan: ParallelPlan | None = None) -> Accelera
     handlers: list[Any] = []
     if not torch.cuda.is_available() and ((world and world > 1) or plan.deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if plan.backend == "ddp":  # gradients as views of DDP's all-reduce buckets: one copy of them, not two
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
     if plan.deepspeed and not world:
         single_process_rendezvous()  # DeepSpeed wants a process group even for one process
     _claim_fsdp_request()

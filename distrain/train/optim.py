@@ -41,14 +41,23 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torc
 
 
 def multi_tensor(model: torch.nn.Module) -> bool | None:
-    """True for plain CPU parameters, else torch's default (None: multi-tensor on CUDA already).
+    """True for plain CPU parameters of at most MULTI_TENSOR_MAX elements, else torch's default
+    (None: multi-tensor on CUDA already, the per-parameter loop on CPU).
 
     On CPU torch defaults to its per-parameter loop; the multi-tensor (foreach) implementation
     runs the same kernels on each tensor, so the same arithmetic, with one Python call per
-    operation instead of one per operation and parameter. Sharded (DTensor) parameters keep the default.
+    operation instead of one per operation and parameter. But it holds its temporaries (Adam's
+    sqrt of the second moments) for all parameters at once, a full copy of them: above
+    MULTI_TENSOR_MAX that memory outweighs the Python calls saved. Sharded (DTensor) parameters
+    keep the default.
     """
-    plain_cpu = all(p.device.type == "cpu" and type(p.data) is torch.Tensor for p in model.parameters())
-    return True if plain_cpu else None
+    params = list(model.parameters())
+    plain_cpu = all(p.device.type == "cpu" and type(p.data) is torch.Tensor for p in params)
+    return True if plain_cpu and sum(p.numel() for p in params) <= MULTI_TENSOR_MAX else None
+
+
+# Parameters (elements) up to which CPU optimizers run multi-tensor: 64 MiB of fp32 temporaries at most.
+MULTI_TENSOR_MAX = 2**24
 
 
 def warmup_steps(cfg: SchedConfig, total_steps: int) -> int:

@@ -69,6 +69,7 @@ log = logging.getLogger("distrain")
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
+        memory.return_freed_memory()  # before any tensor: a freed one goes back to the system, not to the heap
         self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
         requested_trackers(cfg.log)  # an unknown or uninstalled tracker stops here, before anything is written
         self.accelerator = build_accelerator(cfg, self.parallel)
