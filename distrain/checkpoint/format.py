@@ -113,10 +113,28 @@ def block_checksums(path: str | os.PathLike, blocks: range | list[int] = range(B
             out = {}
             for b in blocks:
                 start, end = block_span(size, b)
-                with view[start:end] as part:
-                    out[b] = xxhash.xxh3_128(part).hexdigest()
+                h = xxhash.xxh3_128()
+                for lo in range(start, end, _HASH_CHUNK):
+                    hi = min(end, lo + _HASH_CHUNK)
+                    with view[lo:hi] as part:
+                        h.update(part)
+                    # the mapped pages would count in this process's resident set until the map closes
+                    _drop_pages(m, lo, hi)
+                out[b] = h.hexdigest()
             return out
 
+
+_HASH_CHUNK = 16 << 20  # a multiple of the page size
+
+
+def _drop_pages(m: Any, lo: int, hi: int) -> None:
+    """Unmap the pages of [lo, hi) of a read-only file map from this process (the page cache keeps them)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is not None:
+        start = lo - lo % mmap.PAGESIZE
+        m.madvise(advice, start, hi - start)
 
 
 def bytes_checksums(data: bytes) -> list[str]:
