@@ -319,7 +319,48 @@ def test_deepspeed_buckets_are_sized_from_the_model_unless_the_config_sets_them(
     size_buckets(zero, model)
     assert zero == {"stage": 3, "allgather_bucket_size": 12345, "reduce_bucket_size": 2048 * 1024,
                     "stage3_prefetch_bucket_size": int(0.9 * 2048 * 1024),
-                    "stage3_param_persistence_threshold": 10 * 1448}  # fmt: skip
+                    "stage3_param_persistence_threshold": 10 * 1448,
+                    # DeepSpeed's 1e9 defaults: one optimizer group of the whole partition, every gathered
+                    # parameter kept from the forward to the backward
+                    "sub_group_size": 2048 * 1024, "stage3_max_live_parameters": 3 * 2048 * 1024,
+                    "stage3_max_reuse_distance": 2048 * 1024}  # fmt: skip
     small = {}
     size_buckets(small, nn.Linear(4, 4))
     assert small["reduce_bucket_size"] == 1 << 20  # a floor: tiny buckets would mean many collectives
+
+
+def test_zero3_checkpoints_name_each_optimizer_groups_parameters_across_its_sub_groups():
+    # sub_group_size splits an optimizer group into several DeepSpeed groups (the 103M model: 18);
+    # the checkpoint's param_groups are the optimizer's, one list of names each.
+    from types import SimpleNamespace
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    a, b, c, d = model.parameters()
+    zero = SimpleNamespace(fp16_groups=[[a, b], [c], [d]], sub_group_to_group_id={0: 0, 1: 0, 2: 1},
+                           optimizer=SimpleNamespace(param_groups=[{}, {}]))  # fmt: skip
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.stage, backend.engine = 3, SimpleNamespace(optimizer=zero)
+    assert backend._named_groups(model) == [["0.weight", "0.bias", "1.weight"], ["1.bias"]]
+
+
+def test_zero3_steps_fp32_working_partitions_in_place_instead_of_a_clone():
+    # DeepSpeed clones them as master weights because it compares torch.device("cpu") with "cpu"
+    # (4 B per parameter / processes); a clone already keyed in the optimizer state stays.
+    from types import SimpleNamespace
+
+    working = [torch.arange(6.0), torch.arange(4.0), torch.zeros(3, dtype=torch.bfloat16)]
+    master = [w.clone().float() for w in working]
+    for m, ds_id in zip(master, ("0_1", "2_2", "3_3"), strict=True):
+        m.ds_id, m.requires_grad = ds_id, True
+    zero = SimpleNamespace(fp16_partitioned_groups_flat=working, fp32_partitioned_groups_flat=list(master),
+                           optimizer=SimpleNamespace(state={}))  # fmt: skip
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.stage, backend.offload_optimizer, backend.engine = 3, "none", SimpleNamespace(optimizer=zero)
+    backend._share_master_partitions()
+    shared, kept = zero.fp32_partitioned_groups_flat[:2], zero.fp32_partitioned_groups_flat[2]
+    assert all(m is w for m, w in zip(shared, working, strict=False))
+    assert [m.ds_id for m in shared] == ["0_1", "2_2"] and all(m.requires_grad for m in shared)
+    assert kept is master[2]  # bf16 working weights: the fp32 master is a real copy
+    zero.fp32_partitioned_groups_flat, zero.optimizer.state = list(master), {master[0]: {}}
+    backend._share_master_partitions()
+    assert all(a is b for a, b in zip(zero.fp32_partitioned_groups_flat, master, strict=True)), "state keyed by them"

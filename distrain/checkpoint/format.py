@@ -129,7 +129,6 @@ def block_checksums(path: str | os.PathLike, blocks: range | list[int] = range(B
             return out
 
 
-
 def bytes_checksums(data: bytes) -> list[str]:
     """block_checksums of a file holding `data`, from the bytes in memory (rank 0's small files)."""
     import xxhash

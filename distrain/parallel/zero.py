@@ -14,6 +14,7 @@ from distrain.config import Config
 from distrain.errors import ConfigError, LaunchError
 from distrain.parallel.base import LOW_PRECISION, Backend, dtype_name
 from distrain.parallel.launch import ParallelPlan
+from distrain.train.memory import trim_heap
 
 
 class DeepSpeedBackend(Backend):
@@ -59,8 +60,31 @@ class DeepSpeedBackend(Backend):
         size_buckets(self.ds_config.setdefault("zero_optimization", {}), model)
         engine, optimizer = self.accelerator.prepare(model, optimizer)
         self.engine = engine
+        if self.stage == 3:
+            self._share_master_partitions()
+        if self.accelerator.device.type == "cpu":
+            trim_heap()  # the whole parameters the engine replaced by its partitions
         self.gate = UpdateGate(getattr(engine.optimizer, "optimizer", engine.optimizer), self.accelerator.device)
         return engine, optimizer
+
+    def _share_master_partitions(self) -> None:
+        """ZeRO-3 whose working partitions are already fp32 on the optimizer's device: let them be the
+        master partitions, as DeepSpeed means to (stage3 `_create_fp32_partitions`: "we don't need another
+        copy of the weights"), instead of the clone it makes because it compares a torch.device with the
+        string "cpu" (never equal). The values are the same; only the second copy (4 B per parameter /
+        processes) goes. Before the first step only: no optimizer state is keyed by the clones yet."""
+        zero = self.engine.optimizer
+        working = getattr(zero, "fp16_partitioned_groups_flat", None)
+        master = getattr(zero, "fp32_partitioned_groups_flat", None)
+        if self.offload_optimizer not in ("none", "") or not working or not master or zero.optimizer.state:
+            return
+        for i, (w, m) in enumerate(zip(working, master, strict=True)):
+            if w is None or w is m or w.dtype != m.dtype or w.device != m.device or w.shape != m.shape:
+                continue
+            if m.grad is not None or not torch.equal(w, m):
+                continue
+            w.ds_id, w.requires_grad = m.ds_id, m.requires_grad
+            master[i] = w
 
     def verify(self, model: torch.nn.Module) -> None:
         from deepspeed import DeepSpeedEngine
@@ -149,7 +173,13 @@ class DeepSpeedBackend(Backend):
         groups = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
         if groups is None:
             raise ConfigError(f"checkpoints under DeepSpeed ZeRO-{self.stage} with this optimizer are not supported")
-        return [[names[id(p)] for p in g] for g in groups]
+        if self.stage != 3:
+            return [[names[id(p)] for p in g] for g in groups]
+        # ZeRO-3 splits each optimizer group into sub-groups (sub_group_size), in the group's order
+        out: list[list[str]] = [[] for _ in zero.optimizer.param_groups]
+        for i, g in enumerate(groups):
+            out[zero.sub_group_to_group_id[i]] += [names[id(p)] for p in g]
+        return out
 
     def _linked_optimizer_state(self) -> torch.optim.Optimizer:
         """The torch optimizer stepping the fp32 partitions, with its state created and linked to the
@@ -419,11 +449,18 @@ def size_buckets(zero: dict[str, Any], model: torch.nn.Module) -> None:
     DeepSpeed's defaults are 5e8 elements (a 2 GB fp32 buffer per bucket) whatever the model, and
     accelerate fills "auto" only from a transformers `config.hidden_size` (hidden^2); the largest
     parameter is that size for a transformer and exists for any model. Bucketing changes only how
-    the elementwise reductions are grouped, not their results.
+    the elementwise reductions are grouped, not their results; ZeRO-3's sub-groups also group the
+    gradient norm's sum of squares (a model of at most 2^20 elements per rank keeps one group).
     """
     largest = max((p.numel() for p in model.parameters()), default=1)
     size = min(int(5e8), max(largest, 1 << 20))
-    wanted = {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": int(0.9 * size)}
+    # ZeRO-3 steps the optimizer one sub-group at a time: DeepSpeed's default of 1e9 elements makes
+    # the whole partition one group, whose optimizer temporaries (AdamW's denominator, the overflow
+    # checks) are then as large as the partition itself. Its defaults of 1e9 live and 1e9 reuse
+    # distance keep every parameter a forward gathers until the backward: the whole model per rank.
+    wanted = {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": int(0.9 * size),
+              "sub_group_size": size, "stage3_max_live_parameters": 3 * size,
+              "stage3_max_reuse_distance": size}  # fmt: skip
     for key, value in wanted.items():
         if zero.get(key, "auto") in ("auto", None):
             zero[key] = value

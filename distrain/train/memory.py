@@ -78,6 +78,18 @@ def return_freed_memory() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """Give the pages the C heap holds free back to the system (glibc's malloc_trim; elsewhere
+    nothing): blocks freed before return_freed_memory fixed the threshold, or below it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return
+
+
 def moment_bytes(optim: Any) -> int:
     """Optimizer state bytes per trainable fp32 parameter: two moments for Adam(W), one buffer for SGD momentum."""
     if optim.name in ("adam", "adamw"):
