@@ -359,9 +359,9 @@ def step(cfg, info: dict, model: nn.Module, batch: dict) -> StepOutput:
     logits = model(batch["x"], batch["doc"], batch["pos"]).float()
     y = batch["y"]
     nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)  # [B, T]
-    # Every packed row has T targets, so the per-row mean weights tokens equally; with StepOutput.mask
-    # (per-token normalisation), return `loss=nll` instead.
-    loss = nll.mean(1)
+    # Per-token losses: distrain divides their sum by the step's global token count (every packed
+    # row has T targets, so no mask is needed).
+    loss = nll
     if "bigram_nll" not in batch:  # a training batch: no metrics
         return StepOutput(loss=loss)
     correct = (logits.argmax(-1) == y).sum(1)
