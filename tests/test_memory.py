@@ -125,8 +125,9 @@ def test_offloaded_runs_are_not_estimated(data_limit):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_tensors_of_a_few_mib_go_back_to_the_system():
-    """After return_freed_memory (the Trainer calls it first), tensors of 1 MiB and more are mapped
-    on their own: freed, they leave the resident set, even between small tensors that stay."""
+    """After return_freed_memory (the Trainer's, for models of memory.LARGE_MODEL parameters or more),
+    tensors of 1 MiB and more are mapped on their own: freed, they leave the resident set, even
+    between small tensors that stay."""
     assert memory.return_freed_memory()
     torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # freed at once: raises glibc's default threshold
     big, small = [], []

@@ -78,6 +78,21 @@ def return_freed_memory() -> bool:
         return False
 
 
+# Parameters from which freed memory is returned at once: below it the mmap calls cost more time
+# (docs/performance.md §6) than the resident memory they save is worth.
+LARGE_MODEL = 2**24
+
+
+def keep_resident_set_small(model: torch.nn.Module) -> bool:
+    """For a model of LARGE_MODEL parameters or more (counted across its shards' local parts):
+    return_freed_memory and trim what the heap already holds free. True if applied."""
+    if sum(p.numel() for p in model.parameters()) < LARGE_MODEL:
+        return False
+    applied = return_freed_memory()
+    trim_heap()
+    return applied
+
+
 def trim_heap() -> None:
     """Give the pages the C heap holds free back to the system (glibc's malloc_trim; elsewhere
     nothing): blocks freed before return_freed_memory fixed the threshold, or below it."""

@@ -69,7 +69,6 @@ log = logging.getLogger("distrain")
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
-        memory.return_freed_memory()  # before any tensor: a freed one goes back to the system, not to the heap
         self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
         requested_trackers(cfg.log)  # an unknown or uninstalled tracker stops here, before anything is written
         self.accelerator = build_accelerator(cfg, self.parallel)
@@ -122,6 +121,7 @@ class Trainer:
         # Under FSDP2 the model is built on meta and each rank materialises only its shards (parallel.fsdp_meta_init).
         self.construction = meta_init.build_model(self.recipe.build_model, on_meta=self.parallel.meta_init)
         model = self.construction.model
+        memory.keep_resident_set_small(model)  # a large model's freed tensors go back to the system
         self.backend: Backend = select_backend(self.accelerator, cfg, self.recipe.shard_blocks(model),
                                                plan=self.parallel, micro_batch=self.plan.micro_batch,
                                                grad_accum=self.plan.grad_accum)  # fmt: skip
