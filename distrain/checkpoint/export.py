@@ -136,10 +136,11 @@ def _write_hf_files(ckpt: Path, out: Path, keys: set[str], trust_recipe: bool) -
     if not (trust_recipe or is_builtin_recipe(name)):
         log.info("recipe %s is a file outside recipes/: no config.json without trust_recipe=True", name)
         return
-    if saved_info(ckpt) is None:  # an older distrain's checkpoint: building the model would read the data
+    info = saved_info(ckpt)
+    if info is None:  # an older distrain's checkpoint: building the model would read the data
         return
     recipe, cfg = _saved_recipe(ckpt, trust_recipe)
-    model = build_on_meta(_bind(recipe, cfg, ckpt).build_model)
+    model = build_on_meta(recipe.bind(cfg, info).build_model)
     try:
         written = write_hf_files(model, out, keys)
     except ValueError as e:

@@ -104,10 +104,9 @@ def write_ids(run_dir: Path, ids: dict[str, dict[str, str]]) -> None:
     os.replace(tmp, run_dir / IDS_FILE)
 
 
-def init_trackers(accelerator: Any, cfg: Any, run_dir: Path) -> None:
-    """Start the configured trackers on rank 0; a resumed or requeued segment continues the same
-    wandb and MLflow runs (their ids in run_dir/trackers.json)."""
-    names = requested_trackers(cfg.log)
+def init_trackers(accelerator: Any, cfg: Any, run_dir: Path, names: list[str]) -> None:
+    """Start `names` (requested_trackers of cfg.log) on rank 0; a resumed or requeued segment
+    continues the same wandb and MLflow runs (their ids in run_dir/trackers.json)."""
     if not names or not accelerator.is_main_process:
         return
     from accelerate.tracking import filter_trackers

@@ -71,10 +71,8 @@ class BatchIndices(list):
     seed: int | None = None
 
 
-class SeededFetch(Dataset):
-    """A dataset whose batches are fetched with the global RNGs seeded from the batch's position,
-    so a dataset that draws from them (torch.rand in __getitem__, say) gives the same batch in a
-    resumed run, in a worker process or not, whatever the worker's earlier batches were."""
+class FetchWrapper(Dataset):
+    """A dataset seen through a different batch fetch (`__getitems__`); samples and length are its own."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -84,6 +82,12 @@ class SeededFetch(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i]
+
+
+class SeededFetch(FetchWrapper):
+    """A dataset whose batches are fetched with the global RNGs seeded from the batch's position,
+    so a dataset that draws from them (torch.rand in __getitem__, say) gives the same batch in a
+    resumed run, in a worker process or not, whatever the worker's earlier batches were."""
 
     def __getitems__(self, indices: list[int]) -> Any:
         seed = getattr(indices, "seed", None)
@@ -93,17 +97,8 @@ class SeededFetch(Dataset):
         return getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
 
 
-class PerSample(Dataset):
+class PerSample(FetchWrapper):
     """A dataset fetched sample by sample, `[dataset[i] for i in indices]`, for the recipe's collate."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[i]
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         return [self.dataset[i] for i in indices]

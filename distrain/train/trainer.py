@@ -70,7 +70,7 @@ class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe):
         self.cfg = cfg
         self.parallel = resolve_plan(cfg)  # the backend and its options, once; written into cfg.parallel
-        requested_trackers(cfg.log)  # an unknown or uninstalled tracker stops here, before anything is written
+        self.tracker_names = requested_trackers(cfg.log)  # unknown or uninstalled: stops before any write
         self.accelerator = build_accelerator(cfg, self.parallel)
         # accelerate's autocast() builds a context every call; fp32 needs none
         self._autocast = self.accelerator.autocast if cfg.precision != "no" else contextlib.nullcontext
@@ -563,7 +563,7 @@ class Trainer:
         cfg, s = self.cfg, self.state
         if self.rank == 0:
             log.info(self.plan_text())
-        init_trackers(self.accelerator, cfg, self.run_dir)
+        init_trackers(self.accelerator, cfg, self.run_dir, self.tracker_names)
         logger = MetricsLogger(self.accelerator, self.run_dir, self.total_steps, s.step, cfg.log.progress,
                                s.rows_logged)  # fmt: skip
         self._logger = logger
